@@ -1,0 +1,1 @@
+"""Data: label table, preprocessing, the embedded phantom and dataset readers."""

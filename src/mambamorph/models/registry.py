@@ -1,0 +1,78 @@
+"""Model registry: ``build_model(name, **overrides)`` builds any registered model by name.
+
+Each model file registers a two-line builder with :func:`register_model`. Training, evaluation
+and the CLI resolve names only through this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mambamorph.errors import InputError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+@dataclass
+class RegistrationOutput:
+    """What every model's ``forward(moving, fixed)`` returns.
+
+    Attributes:
+        flow: displacement ``(B, 3, D0, D1, D2)`` in voxels, channel ``i`` along array axis ``i``,
+            at the input resolution; ``x -> x + flow(x)`` maps fixed-space points into the moving
+            image.
+        velocity: the stationary velocity field integrated to get ``flow`` (same layout; possibly at
+            a lower resolution), or ``None`` for models that predict the displacement directly.
+    """
+
+    flow: torch.Tensor
+    velocity: torch.Tensor | None = None
+
+    @property
+    def smooth_target(self) -> torch.Tensor:
+        """The field the smoothness loss acts on: the velocity if there is one, else the flow."""
+        return self.velocity if self.velocity is not None else self.flow
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``fn(**overrides) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the model modules runs their @register_model decorators.
+    from mambamorph.models import mambamorph, transmorph, voxelmorph, xmorpher  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Build the model registered as ``name`` with config ``overrides``.
+
+    Raises:
+        InputError: unknown name (the message lists the known ones).
+    """
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**overrides)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
