@@ -70,7 +70,9 @@ def build_model(name: str, **overrides) -> nn.Module:
     _ensure_loaded()
     if name not in _REGISTRY:
         raise InputError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**overrides)
+    model = _REGISTRY[name](**overrides)
+    model.registry_name = name  # the checkpoint format stores it (see mambamorph.checkpoint)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
