@@ -1,0 +1,240 @@
+"""Shared layers: position code, token reshapes, patch merging, decoder, U-Nets (nn/blocks.py,
+nn/features.py). Small tensors only; the Mamba / Swin stages are replaced by simple token mixers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mambamorph.errors import InputError
+from mambamorph.nn.blocks import (ConvINAct, ConvSkipBranch, ConvUNet, DecoderBlock, FlowHead,
+                                  PatchEmbed, PatchMerging, RegistrationUNet, check_pair,
+                                  sinusoidal_position_code, tokens_to_volume, volume_to_tokens)
+from mambamorph.nn.features import FeatureExtractor, ReadoutHead
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class LinearMixer(nn.Module):
+    """A token stage for tests: a per-token linear map that records the grids it sees."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+        self.grids: list[tuple[int, int, int]] = []
+
+    def forward(self, x, grid):
+        self.grids.append(tuple(grid))
+        assert x.shape[1] == math.prod(grid)
+        return self.lin(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# position code
+# ---------------------------------------------------------------------------------------------
+def test_position_code_matches_the_formula():
+    grid = (3, 4, 5)
+    code = sinusoidal_position_code(grid, 96)
+    assert code.shape == (96, 3, 4, 5)
+    k = torch.arange(16, dtype=torch.float64)
+    freq = 10000.0 ** (-k / 16)
+    for axis in range(3):
+        for idx in [(0, 0, 0), (2, 3, 4), (1, 2, 3)]:
+            pos = idx[axis]
+            expect = torch.cat([(pos * freq).sin(), (pos * freq).cos()]).float()
+            got = code[32 * axis:32 * (axis + 1), idx[0], idx[1], idx[2]]
+            torch.testing.assert_close(got, expect, atol=1e-6, rtol=0)
+    # hand values: axis-1 first sine at g1 = 1 is sin(1); first cosine of axis 2 at g2 = 0 is 1
+    assert code[32, 0, 1, 0].item() == pytest.approx(math.sin(1.0), abs=1e-6)
+    assert code[80, 2, 3, 0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_position_code_other_widths_and_cache():
+    code = sinusoidal_position_code((2, 2, 2), 24)  # 8 channels per axis, frequencies 10000^(-k/4)
+    assert code.shape == (24, 2, 2, 2)
+    assert code[1, 1, 0, 0].item() == pytest.approx(math.sin(10000.0 ** -0.25), abs=1e-6)
+    assert code[20, 0, 0, 1].item() == pytest.approx(math.cos(1.0), abs=1e-6)
+    odd = sinusoidal_position_code((2, 2, 2), 20)  # cut from 3 x 8 = 24 channels
+    torch.testing.assert_close(odd, code[:20])
+    assert sinusoidal_position_code((3, 4, 5), 96) is sinusoidal_position_code((3, 4, 5), 96)
+    with pytest.raises(InputError):
+        sinusoidal_position_code((2, 2), 96)
+    with pytest.raises(InputError):
+        sinusoidal_position_code((2, 2, 2), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens
+# ---------------------------------------------------------------------------------------------
+def test_tokens_are_in_raster_order_and_round_trip():
+    vol = torch.randn(2, 5, 3, 4, 6)
+    tokens, grid = volume_to_tokens(vol)
+    assert grid == (3, 4, 6) and tokens.shape == (2, 72, 5)
+    g = (2, 1, 5)
+    torch.testing.assert_close(tokens[:, g[0] * 24 + g[1] * 6 + g[2]], vol[:, :, g[0], g[1], g[2]])
+    torch.testing.assert_close(tokens_to_volume(tokens, grid), vol)
+    with pytest.raises(InputError):
+        tokens_to_volume(tokens, (3, 4, 5))
+
+
+def test_patch_merging_gathers_the_eight_offsets_in_order():
+    grid = (4, 2, 6)
+    c = 3
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), dim=-1)
+    # token features: its grid index (3 values) -> the merged vector shows where each part came from
+    x = idx.reshape(1, -1, c).float()
+    merge = PatchMerging(c)
+    with torch.no_grad():
+        merge.norm.weight.fill_(1.0)
+        merge.norm.bias.zero_()
+    gathered = {}
+    merge.norm.register_forward_hook(lambda m, inp, out: gathered.setdefault("x", inp[0]))
+    out, new_grid = merge(x, grid)
+    assert new_grid == (2, 1, 3) and out.shape == (1, 6, 2 * c)
+    v = gathered["x"].view(*new_grid, 8, c)
+    offsets = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1),
+               (1, 1, 1)]
+    for a in range(2):
+        for b in range(1):
+            for e in range(3):
+                for k, off in enumerate(offsets):
+                    expect = torch.tensor([2 * a + off[0], 2 * b + off[1], 2 * e + off[2]],
+                                          dtype=torch.float32)
+                    torch.testing.assert_close(v[a, b, e, k], expect)
+    assert n_params(PatchMerging(96)) == 8 * 96 * 2 + 8 * 96 * 192
+    with pytest.raises(InputError):
+        merge(torch.randn(1, 3 * 2 * 2, c), (3, 2, 2))
+
+
+def test_patch_embed_shapes_and_position_code():
+    torch.manual_seed(1)
+    emb = PatchEmbed(2, 24, 4, position_code=True)
+    plain = PatchEmbed(2, 24, 4, position_code=False)
+    plain.load_state_dict(emb.state_dict())
+    x = torch.randn(2, 2, 8, 12, 16)
+    tokens, grid = emb(x)
+    assert grid == (2, 3, 4) and tokens.shape == (2, 24, 24)
+    base, _ = plain(x)
+    code = sinusoidal_position_code(grid, 24).flatten(1).t()
+    torch.testing.assert_close(tokens - base, code.expand(2, -1, -1))
+    assert n_params(PatchEmbed(2, 96)) == 2 * 96 * 64 + 96 + 192
+    assert list(emb.state_dict()) == ["proj.weight", "proj.bias", "norm.weight", "norm.bias"]
+    with pytest.raises(InputError):
+        emb(torch.randn(1, 2, 8, 10, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# conv blocks, decoder, head
+# ---------------------------------------------------------------------------------------------
+def test_conv_blocks_decoder_and_head():
+    assert n_params(ConvINAct(64, 16)) == 64 * 16 * 27  # no bias, no affine
+    skip = ConvSkipBranch(2, 16, 48)
+    f_full, f_half = skip(torch.randn(1, 2, 8, 12, 16))
+    assert f_full.shape == (1, 16, 8, 12, 16) and f_half.shape == (1, 48, 4, 6, 8)
+    up = DecoderBlock(32, 16, 8)
+    assert n_params(up) == 40 * 16 * 27 + 16 * 16 * 27
+    y = up(torch.randn(1, 32, 2, 3, 4), torch.randn(1, 8, 4, 6, 8))
+    assert y.shape == (1, 16, 4, 6, 8)
+    with pytest.raises(InputError):
+        up(torch.randn(1, 32, 2, 3, 4))
+    with pytest.raises(InputError):
+        up(torch.randn(1, 32, 2, 3, 4), torch.randn(1, 7, 4, 6, 8))
+    assert DecoderBlock(8, 4)(torch.randn(1, 8, 2, 2, 2)).shape == (1, 4, 4, 4, 4)
+    head = FlowHead(16, 3)
+    assert n_params(head) == 16 * 3 * 27 + 3
+    assert torch.all(head.bias == 0) and 0 < head.weight.std().item() < 3e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the token U-Net backbone
+# ---------------------------------------------------------------------------------------------
+def test_registration_unet_counts_shapes_and_grids():
+    dims = (96, 192, 384)
+    stages = [LinearMixer(d) for d in dims]
+    net = RegistrationUNet(2, stages)
+    # the reference module minus its three Mamba blocks (68,160 + 251,520 + 963,840) and their
+    # three pre-norms; here the stages are Linear(d, d) instead
+    mamba = 68160 + 251520 + 963840 + 2 * (96 + 192 + 384)
+    linear = sum(d * d + d for d in dims)
+    assert n_params(net) - linear + mamba == 7_305_459
+    x = torch.randn(1, 2, 32, 48, 64)
+    y = net(x)
+    assert y.shape == (1, 3, 32, 48, 64) and torch.isfinite(y).all()
+    assert [s.grids for s in stages] == [[(8, 12, 16)], [(4, 6, 8)], [(2, 3, 4)]]
+    outs = net.encode(x)
+    assert [tuple(o.shape) for o in outs] == [(1, 96, 8, 12, 16), (1, 192, 4, 6, 8),
+                                              (1, 384, 2, 3, 4)]
+    assert net.size_multiple == 16
+    with pytest.raises(InputError):
+        net(torch.randn(1, 2, 32, 40, 32))
+    with pytest.raises(InputError):
+        net(torch.randn(1, 3, 32, 32, 32))
+    with pytest.raises(InputError):
+        RegistrationUNet(2, [])
+
+
+def test_registration_unet_checkpointing_is_exact():
+    torch.manual_seed(2)
+    net = RegistrationUNet(2, [LinearMixer(8), LinearMixer(16)], embed_dim=8, head_channels=4)
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    ref = RegistrationUNet(2, [LinearMixer(8), LinearMixer(16)], embed_dim=8, head_channels=4,
+                           checkpoint=True)
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(1, 2, 16, 8, 24)
+    w = torch.randn(1, 3, 16, 8, 24)
+    outs, grads = [], []
+    for m in (net, ref):
+        m.train()
+        y = m(x)
+        (y * w).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# the VoxelMorph U-Net and the feature extractor
+# ---------------------------------------------------------------------------------------------
+def test_conv_unet_counts_and_shapes():
+    # reference builds (voxelmorph Unet): without the flow head's 1,299 parameters
+    assert n_params(ConvUNet(2, [16] * 4, [16] * 6)) == 92_179 - 1299
+    assert n_params(ConvUNet(2, [16, 32, 32, 32], [32] * 5 + [16, 16])) == 327_331 - 1299
+    assert n_params(ConvUNet(32, [16] * 4, [16] * 6)) == 154_051 - 48_912 - 1299
+    net = ConvUNet(2, [16] * 4, [16] * 6)
+    assert net(torch.randn(1, 2, 16, 32, 48)).shape == (1, 16, 16, 32, 48)
+    half = ConvUNet(2, [16] * 4, [16] * 6, half_res=True)
+    assert half(torch.randn(1, 2, 16, 32, 48)).shape == (1, 16, 8, 16, 24)
+    with pytest.raises(InputError):
+        net(torch.randn(1, 2, 16, 24, 16))
+    with pytest.raises(InputError):
+        ConvUNet(2, [16] * 4, [16] * 3)
+
+
+def test_feature_extractor_and_readout():
+    fe = FeatureExtractor(1, 16)
+    assert n_params(fe) == 48_912
+    assert n_params(ReadoutHead(16)) == 4_115
+    a, b = torch.randn(2, 1, 8, 12, 16), torch.randn(2, 1, 8, 12, 16)
+    pair = fe.pair(a, b)
+    assert pair.shape == (2, 32, 8, 12, 16)
+    torch.testing.assert_close(pair, torch.cat([fe(a), fe(b)], dim=1), atol=1e-5, rtol=1e-5)
+    assert ReadoutHead(16)(fe(a)).shape == (2, 3, 4, 6, 8)
+
+
+def test_check_pair():
+    a = torch.zeros(1, 1, 16, 32, 48)
+    check_pair(a, a.clone(), 1, 16, "m")
+    for bad in (torch.zeros(1, 1, 16, 32, 32), torch.zeros(1, 2, 16, 32, 48),
+                torch.zeros(1, 1, 16, 32, 48, dtype=torch.long)):
+        with pytest.raises(InputError):
+            check_pair(a, bad, 1, 16, "m")
+    with pytest.raises(InputError):
+        check_pair(torch.zeros(1, 1, 16, 24, 16), torch.zeros(1, 1, 16, 24, 16), 1, 16, "m")
