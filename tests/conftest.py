@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    """A 8-subject phantom at 32x48x32, 5 mm (split 4/2/2), built once per test session."""
+    from mambamorph.data.phantom import build_phantom
+
+    root = tmp_path_factory.mktemp("phantom") / "ph"
+    build_phantom(root, n_subjects=8, preset=None, grid=(32, 48, 32), spacing=5.0, seed=0,
+                  n_val=2, n_test=2)
+    return root

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mambamorph import checkpoint as ckpt
+from mambamorph.cli import main
+from mambamorph.config import DataConfig, TrainConfig
+from mambamorph.errors import InputError
+from mambamorph.train import train
+
+
+def _cfg(root, **kw):
+    base = dict(model="voxelmorph", data=DataConfig(root=str(root)), lr=1e-3, epochs=2,
+                steps_per_epoch=2, val_pairs=2, seed=3, device="cpu", log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_folder_contents(tiny_phantom, tmp_path):
+    res = train(_cfg(tiny_phantom), tmp_path / "run", progress=False)
+    assert res.steps == 4 and not res.stopped_early
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.csv", "checkpoints/best.json", "checkpoints/best.safetensors",
+                 "checkpoints/last.json", "checkpoints/last_state.json"):
+        assert (run / name).exists(), name
+    assert any((run / "tb").iterdir())
+    info = json.loads((run / "checkpoints/last.json").read_text())
+    assert info["model"] == "voxelmorph"
+    assert info["meta"]["grid"] == [32, 48, 32] and info["meta"]["spacing"] == [5.0, 5.0, 5.0]
+    rows = (run / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,epoch,loss")
+    assert len([r for r in rows[1:] if r.split(",")[5]]) == 2  # one validation row per epoch
+    model, _ = ckpt.load_model(run / "checkpoints/best.json")
+    assert sum(p.numel() for p in model.parameters()) == 92_179
+
+
+def test_refuses_existing_run_folder(tiny_phantom, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mine.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not empty"):
+        train(_cfg(tiny_phantom), run, progress=False)
+    assert (run / "mine.txt").read_text() == "keep me"
+
+
+def test_resume_continues_exactly(tiny_phantom, tmp_path):
+    """2 epochs straight == 1 epoch, stop, resume for the second epoch (same weights, bitwise)."""
+    train(_cfg(tiny_phantom), tmp_path / "a", progress=False)
+    train(_cfg(tiny_phantom, epochs=1), tmp_path / "b", progress=False)
+    res = train(_cfg(tiny_phantom), tmp_path / "b", resume=True, progress=False)
+    assert res.steps == 4
+    wa = load_file(str(tmp_path / "a/checkpoints/last.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/last.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_same_seed_same_weights(tiny_phantom, tmp_path):
+    train(_cfg(tiny_phantom, epochs=1), tmp_path / "a", progress=False)
+    train(_cfg(tiny_phantom, epochs=1), tmp_path / "b", progress=False)
+    wa = load_file(str(tmp_path / "a/checkpoints/last.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/last.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_checkpoint_must_match_model(tiny_phantom, tmp_path):
+    train(_cfg(tiny_phantom, epochs=1), tmp_path / "a", progress=False)
+    with pytest.raises(InputError, match="holds model 'voxelmorph'"):
+        train(_cfg(tiny_phantom, model="voxelmorph-feat",
+                   init=str(tmp_path / "a/checkpoints/last.json")), tmp_path / "b", progress=False)
+
+
+def test_cli_train_and_errors(tiny_phantom, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--epochs", "1",
+               "--steps", "2", "--val-pairs", "1", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert rc == 0
+    assert "best validation Dice" in capsys.readouterr().out
+    rc = main(["train", "--data", str(tiny_phantom), "--epochs", "1", "--out", str(out), "--quiet"])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
+               "--quiet"])
+    assert rc == 2 and "missing" in capsys.readouterr().err
