@@ -1,8 +1,246 @@
-"""Command-line front end (filled in as the library grows)."""
+"""``mambamorph`` command line: a thin front that parses, calls the library and prints.
 
+This is the only module that turns errors into exit codes: user mistakes
+(:class:`mambamorph.errors.MambaMorphError`) print one line on stderr and exit 2; Ctrl-C exits
+130 after the library saved what it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+from pathlib import Path
+
+from mambamorph import __version__
+from mambamorph.errors import InputError, MambaMorphError
 
 
-def main(argv=None) -> int:
-    print("mambamorph: not wired yet", file=sys.stderr)
-    return 1
+def _grid(text: str) -> list[int]:
+    try:
+        dims = [int(t) for t in text.lower().replace("x", ",").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a grid like 96x112x96, got {text!r}") from None
+    if len(dims) != 3 or any(d <= 0 or d % 16 for d in dims):
+        raise argparse.ArgumentTypeError(f"grid {text!r}: need 3 positive dims divisible by 16")
+    return dims
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+    import yaml
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_data_phantom(a) -> int:
+    from mambamorph.data.phantom import build_phantom
+
+    bar = None
+    if not a.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=a.subjects, desc="phantom subjects", unit="subj")
+
+    def progress(i, n):
+        if bar is not None:
+            bar.n = i
+            bar.refresh()
+
+    rep = build_phantom(a.out, n_subjects=a.subjects, preset=a.preset, grid=a.grid,
+                        seed=a.seed, overwrite=a.overwrite, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"phantom dataset written to {a.out}")
+    print(rep.summary() if hasattr(rep, "summary") else rep)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from mambamorph.config import load_train_config
+    from mambamorph.train import train
+
+    run_dir = Path(a.out)
+    cfg_path = a.config
+    if a.resume:
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.exists():
+            raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
+    overrides = {
+        "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
+        "dice_weight": a.dice_weight, "smooth_weight": a.smooth_weight, "seed": a.seed,
+        "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
+        "val_pairs": a.val_pairs,
+        "data.root": a.data, "data.manifest": a.manifest, "data.moving": a.moving,
+        "data.fixed": a.fixed, "data.grid": a.grid,
+    }
+    if a.no_amp:
+        overrides["amp"] = False
+    if a.model_arg:
+        overrides["model_args"] = dict(a.model_arg)
+    if a.resume:  # the run folder's settings win; flags may only extend the budget
+        overrides = {k: v for k, v in overrides.items() if k in ("epochs", "max_minutes", "device",
+                                                                 "threads")}
+    cfg = load_train_config(cfg_path, overrides)
+    res = train(cfg, run_dir, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"trained {cfg.model}: {res.steps} steps ({res.epochs_done:.2f} epochs) in "
+          f"{res.seconds / 60:.1f} min; best validation Dice {res.best_val_dice:.2f}"
+          f"{' (stopped by the time budget)' if res.stopped_early else ''}")
+    print(f"checkpoints: {run_dir / 'checkpoints'}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from mambamorph.evaluate import run_evaluation
+
+    summary = run_evaluation(checkpoints=a.checkpoints, data_root=a.data, manifest=a.manifest,
+                             moving=a.moving, fixed=a.fixed, grid=a.grid, n_pairs=a.pairs,
+                             seed=a.seed, out_dir=a.out, device=a.device,
+                             identity=not a.no_identity, ants=a.ants, overwrite=a.overwrite,
+                             progress=not a.quiet)
+    print(summary)
+    return 0
+
+
+def cmd_register(a) -> int:
+    from mambamorph.register import register_files
+
+    res = register_files(a.moving, a.fixed, a.model, a.out, moving_seg=a.moving_seg,
+                         device=a.device, overwrite=a.overwrite)
+    print(res)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from mambamorph.bench import run_bench
+
+    run_bench(quick=a.quick, models=a.models, sizes=a.sizes, device=a.device, out=a.out)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from mambamorph.demo import run_demo
+
+    run_demo(out=a.out, minutes=a.minutes, quick=a.quick, overwrite=a.overwrite,
+             progress=not a.quiet, threads=a.threads)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambamorph", description=(
+        "Deformable registration of brain volumes across modalities (MambaMorph)."))
+    p.add_argument("--version", action="version", version=f"mambamorph {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def quiet(sp):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("data", help="build or inspect datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    ph = dsub.add_parser("phantom", help="build the embedded MR/CT/T2 brain phantom (no download)")
+    ph.add_argument("--out", required=True, help="output folder (SR-Reg layout)")
+    ph.add_argument("--preset", choices=["cpu", "full"], default="cpu",
+                    help="cpu: 2 mm, 96x112x96 (default); full: 1 mm, 176x208x192")
+    ph.add_argument("--grid", type=_grid, default=None, help="custom array grid, e.g. 64x64x64")
+    ph.add_argument("--subjects", "-n", type=int, default=60, help="number of subjects (60)")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    quiet(ph)
+    ph.set_defaults(func=cmd_data_phantom)
+
+    t = sub.add_parser("train", help="train a registration model")
+    t.add_argument("--config", help="YAML settings (see configs/); flags override it")
+    t.add_argument("--data", help="dataset folder in SR-Reg layout (SR-Reg or a phantom)")
+    t.add_argument("--manifest", help="CSV manifest (subject, modality columns, seg)")
+    t.add_argument("--model", help="model name (mambamorph, voxelmorph, transmorph, ...)")
+    t.add_argument("--model-arg", type=_model_arg, action="append",
+                   help="model option KEY=VALUE, e.g. residual=true (repeatable)")
+    t.add_argument("--moving", help="moving modality (default mr)")
+    t.add_argument("--fixed", help="fixed modality (default ct)")
+    t.add_argument("--grid", type=_grid, help="crop/pad volumes to this grid")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps", type=int, help="pairs per epoch (default: training subjects)")
+    t.add_argument("--dice-weight", type=float)
+    t.add_argument("--smooth-weight", type=float)
+    t.add_argument("--val-pairs", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    t.add_argument("--init", help="checkpoint to start from (fine-tuning)")
+    t.add_argument("--minutes", type=float, help="wall-clock budget; saves and stops when spent")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    quiet(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score checkpoints on fixed test pairs")
+    e.add_argument("checkpoints", nargs="*", help="checkpoint files (.safetensors or .json)")
+    e.add_argument("--data", help="dataset folder in SR-Reg layout")
+    e.add_argument("--manifest", help="CSV manifest")
+    e.add_argument("--moving", default="mr")
+    e.add_argument("--fixed", default="ct")
+    e.add_argument("--grid", type=_grid)
+    e.add_argument("--pairs", type=int, default=20, help="number of fixed test pairs (20)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-identity", action="store_true", help="leave out the 'Initial' row")
+    e.add_argument("--ants", action="store_true", help="add ANTs SyN (needs mambamorph[ants])")
+    e.add_argument("--out", required=True, help="folder for tables and figures")
+    e.add_argument("--overwrite", action="store_true")
+    quiet(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("register", help="register a MOVING NIfTI volume onto a FIXED one")
+    r.add_argument("moving")
+    r.add_argument("fixed")
+    r.add_argument("--model", required=True, help="trained checkpoint")
+    r.add_argument("--moving-seg", help="label map of the moving image, warped with nearest")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=cmd_register)
+
+    b = sub.add_parser("bench", help="time and memory of every model and of the scan paths")
+    b.add_argument("--quick", action="store_true", help="small sizes only")
+    b.add_argument("--models", nargs="*", help="model names (default: all)")
+    b.add_argument("--sizes", nargs="*", choices=["cpu", "full"], help="grids to time")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--out", help="also write the table (Markdown) here")
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("demo", help="phantom -> train -> evaluate, end to end, on this machine")
+    m.add_argument("--out", default="mambamorph-demo", help="run folder (default ./mambamorph-demo)")
+    m.add_argument("--minutes", type=float, default=None,
+                   help="training budget per model in minutes (default from the demo recipe)")
+    m.add_argument("--quick", action="store_true", help="tiny, minutes-long version (for CI)")
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--overwrite", action="store_true")
+    quiet(m)
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MambaMorphError as e:
+        print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mambamorph {args.command}: interrupted (training saved its last checkpoint)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

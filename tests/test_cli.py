@@ -1,0 +1,70 @@
+"""The command line end to end on tiny data: exit codes, messages, files."""
+
+import json
+
+import pytest
+
+from mambamorph.cli import main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("data", "train", "evaluate", "register", "bench", "demo"):
+        assert cmd in out
+
+
+def test_data_phantom_prints_initial_dice(tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["data", "phantom", "--out", str(out), "--grid", "32x48x32", "-n", "6",
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "initial Dice" in text
+    assert (out / "split.json").exists() and (out / "vol" / "ph000_ct.nii.gz").exists()
+    # a second build into the same folder is refused, and nothing is lost
+    before = sorted(p.name for p in (out / "vol").iterdir())
+    assert main(["data", "phantom", "--out", str(out), "--grid", "32x48x32", "-n", "6",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "Traceback" not in err
+    assert sorted(p.name for p in (out / "vol").iterdir()) == before
+
+
+def test_bad_grid_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "phantom", "--out", "x", "--grid", "30x30x30"])
+    assert e.value.code == 2
+    assert "divisible by 16" in capsys.readouterr().err
+
+
+def test_evaluate_cli(tiny_phantom, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--epochs", "1",
+                 "--steps", "1", "--val-pairs", "1", "--out", str(run), "--quiet"]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run / "checkpoints" / "last.json"), "--data", str(tiny_phantom),
+                 "--pairs", "2", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "| Initial |" in text and "VoxelMorph" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res  # parsed
+    assert (out / "results.md").exists() and (out / "per_roi_dice.png").exists()
+    # missing checkpoint: one line on stderr, exit code 2, no traceback
+    assert main(["evaluate", str(tmp_path / "nope.json"), "--data", str(tiny_phantom),
+                 "--out", str(tmp_path / "e2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "| Initial |" in text and "| MambaMorph |" in text and "| VoxelMorph |" in text
+    for f in ("eval/results.md", "eval/results.json", "eval/per_roi_dice.png",
+              "runs/mambamorph/checkpoints/last.json", "runs/voxelmorph/log.csv"):
+        assert (out / f).exists(), f
+    # the run folder is not silently replaced
+    assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 2
