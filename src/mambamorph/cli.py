@@ -69,7 +69,8 @@ def cmd_train(a) -> int:
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
         "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
-        "dice_weight": a.dice_weight, "smooth_weight": a.smooth_weight, "seed": a.seed,
+        "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
+        "smooth_weight": a.smooth_weight, "seed": a.seed,
         "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
         "val_pairs": a.val_pairs,
         "data.root": a.data, "data.manifest": a.manifest, "data.moving": a.moving,
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="pairs per epoch (default: training subjects)")
     t.add_argument("--dice-weight", type=float)
     t.add_argument("--smooth-weight", type=float)
+    t.add_argument("--dice-scales", type=int, nargs="+",
+                   help="label pyramid of the Dice term (default 1 = the paper's loss)")
     t.add_argument("--val-pairs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")

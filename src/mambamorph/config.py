@@ -51,6 +51,9 @@ class TrainConfig:
         steps_per_epoch: random pairs per epoch; ``None`` = number of training subjects (150 on
             SR-Reg, as the paper).
         dice_weight: weight of the soft Dice loss of the warped one-hot ROIs.
+        dice_scales: label pyramid of that Dice term (``[1]`` = the paper's loss; e.g.
+            ``[1, 2, 4]`` also scores average-pooled labels, a wider capture range; see
+            :func:`mambamorph.losses.multiscale_label_dice_loss`).
         smooth_weight: weight of the l2 gradient of the velocity (paper: 0.1 x 2 = 0.2).
         val_pairs: number of fixed validation pairs scored (Dice) after each epoch.
         seed: seeds the pair sampler, torch and numpy; CPU runs are repeatable.
@@ -69,6 +72,7 @@ class TrainConfig:
     epochs: int = 100
     steps_per_epoch: int | None = None
     dice_weight: float = 1.0
+    dice_scales: list[int] = field(default_factory=lambda: [1])
     smooth_weight: float = 0.2
     val_pairs: int = 10
     seed: int = 0

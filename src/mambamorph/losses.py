@@ -135,3 +135,40 @@ def ncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,
         var_y = (myy - my * my).clamp_min(0.0)
         cc = cov * cov / (var_x * var_y + eps)
         return -cc.mean()
+
+
+def multiscale_label_dice_loss(moving_onehot: torch.Tensor, fixed_onehot: torch.Tensor,
+                               flow: torch.Tensor, scales=(1,)) -> torch.Tensor:
+    """Soft Dice of warped one-hot labels, averaged over a pyramid of label resolutions.
+
+    At scale ``s > 1`` both one-hots are average-pooled by ``s`` (soft partial-volume labels) and
+    the displacement is average-pooled the same way and divided by ``s`` (coarse voxels), so a
+    label boundary pulls on the whole ``s``-voxel cell of the field: a wider capture range early in training. ``scales=(1,)``
+    is exactly the paper's loss, ``soft_dice_loss(warp(moving_onehot, flow), fixed_onehot)``.
+
+    Args:
+        moving_onehot, fixed_onehot: ``(B, K, D0, D1, D2)`` one-hot (or soft) labels.
+        flow: ``(B, 3, D0, D1, D2)`` displacement in voxels of the full grid.
+        scales: integer pooling factors; each must divide every spatial dim.
+    Returns:
+        Scalar, the mean over scales of the negative soft Dice (-1 is perfect).
+    Raises:
+        InputError: a scale that does not divide the grid, or an empty ``scales``.
+    """
+    from mambamorph.nn.spatial import warp
+
+    if not scales:
+        raise InputError("expected at least one Dice scale, got none")
+    total = flow.new_zeros(())
+    for s in scales:
+        s = int(s)
+        if s == 1:
+            m, f, u = moving_onehot, fixed_onehot, flow
+        else:
+            if any(d % s for d in flow.shape[2:]):
+                raise InputError(f"Dice scale {s} does not divide the grid {tuple(flow.shape[2:])}")
+            m = F.avg_pool3d(moving_onehot, s)
+            f = F.avg_pool3d(fixed_onehot, s)
+            u = F.avg_pool3d(flow, s) / s  # cell means, in coarse voxels (every voxel pulls)
+        total = total + soft_dice_loss(warp(m, u), f)
+    return total / len(scales)

@@ -35,7 +35,7 @@ from mambamorph import checkpoint as ckpt
 from mambamorph.config import DataConfig, TrainConfig, dump_yaml
 from mambamorph.data import labels
 from mambamorph.errors import InputError
-from mambamorph.losses import grad_l2, soft_dice_loss
+from mambamorph.losses import grad_l2, multiscale_label_dice_loss
 from mambamorph.metrics import dice_per_roi
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
@@ -107,7 +107,7 @@ def pair_loss(model, batch: dict, cfg: TrainConfig, device: torch.device, amp: b
     flow = out.flow.float()
     seg_m = labels.one_hot(batch["moving_seg"].unsqueeze(0).to(device))
     seg_f = labels.one_hot(batch["fixed_seg"].unsqueeze(0).to(device))
-    dice = soft_dice_loss(warp(seg_m, flow), seg_f)
+    dice = multiscale_label_dice_loss(seg_m, seg_f, flow, cfg.dice_scales)
     smooth = grad_l2(out.smooth_target.float())
     loss = cfg.dice_weight * dice + cfg.smooth_weight * smooth
     return loss, dice, smooth
