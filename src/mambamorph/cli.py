@@ -72,7 +72,8 @@ def cmd_train(a) -> int:
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
         "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
-        "val_pairs": a.val_pairs,
+        "val_pairs": a.val_pairs, "synthetic": a.synthetic, "crop": a.crop,
+        "synthetic_voxels": a.synthetic_voxels, "flow_weight": a.flow_weight,
         "data.root": a.data, "data.manifest": a.manifest, "data.moving": a.moving,
         "data.fixed": a.fixed, "data.grid": a.grid,
     }
@@ -169,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--smooth-weight", type=float)
     t.add_argument("--dice-scales", type=int, nargs="+",
                    help="label pyramid of the Dice term (default 1 = the paper's loss)")
+    t.add_argument("--synthetic", type=float,
+                   help="fraction of steps on intra-subject pairs with a known random field")
+    t.add_argument("--synthetic-voxels", type=float, help="largest synthetic displacement")
+    t.add_argument("--flow-weight", type=float, help="weight of the known-field error")
+    t.add_argument("--crop", type=_grid, help="train on random crops of this size, e.g. 64x64x64")
     t.add_argument("--val-pairs", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")

@@ -55,6 +55,13 @@ class TrainConfig:
             ``[1, 2, 4]`` also scores average-pooled labels, a wider capture range; see
             :func:`mambamorph.losses.multiscale_label_dice_loss`).
         smooth_weight: weight of the l2 gradient of the velocity (paper: 0.1 x 2 = 0.2).
+        synthetic: fraction of steps that train on an intra-subject pair with a known random
+            smooth deformation (moving modality -> the same subject's fixed modality warped),
+            adding ``flow_weight`` x the squared error to the known field; 0 = the paper.
+        synthetic_voxels: largest displacement of those fields, in voxels.
+        flow_weight: weight of that squared error.
+        crop: train on random crops of this size (dims divisible by 16) instead of whole
+            volumes: cheaper steps; validation and inference use whole volumes.
         val_pairs: number of fixed validation pairs scored (Dice) after each epoch.
         seed: seeds the pair sampler, torch and numpy; CPU runs are repeatable.
         device: ``auto`` (CUDA if present), ``cpu`` or ``cuda[:i]``.
@@ -74,6 +81,10 @@ class TrainConfig:
     dice_weight: float = 1.0
     dice_scales: list[int] = field(default_factory=lambda: [1])
     smooth_weight: float = 0.2
+    synthetic: float = 0.0
+    synthetic_voxels: float = 5.0
+    flow_weight: float = 1.0
+    crop: list[int] | None = None
     val_pairs: int = 10
     seed: int = 0
     device: str = "auto"
