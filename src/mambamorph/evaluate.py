@@ -216,6 +216,7 @@ def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overri
         InputError: missing or unreadable checkpoint, unknown model, mismatching weights.
     """
     from mambamorph.checkpoint import load_model
+    from mambamorph.models import predict
     from mambamorph.models import count_parameters
 
     p = Path(path)
@@ -229,7 +230,7 @@ def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overri
 
         @torch.no_grad()
         def run(moving, fixed, spacing):
-            return net(moving, fixed).flow.float()
+            return predict(net, moving, fixed).flow.float()
 
         return run
 

@@ -62,6 +62,7 @@ from scipy import ndimage as ndi
 
 from mambamorph import __version__
 from mambamorph.checkpoint import load_model
+from mambamorph.models import predict
 from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
 from mambamorph.io import (Volume, atomic_write_bytes, read_labels, read_volume,
@@ -460,7 +461,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
     mov_t, fix_t = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(dev)
                     for a in (mov_m, fix_m))  # (G0, G1, G2) -> (1, 1, G0, G1, G2)
     with torch.no_grad(), Timer(dev) as timer:
-        flow = net(mov_t, fix_t).flow
+        flow = predict(net, mov_t, fix_t).flow
     u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
     if not np.all(np.isfinite(u)):
         raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
