@@ -68,3 +68,13 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / f).exists(), f
     # the run folder is not silently replaced
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 2
+
+
+def test_bench_quick_prints_tables(capsys, tmp_path):
+    out = tmp_path / "bench.md"
+    assert main(["bench", "--quick", "--models", "voxelmorph", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| voxelmorph | 64x64x64 | 92,179 |" in text
+    assert "| reference | 2,001 |" in text and "| cpu | 2,001 |" in text
+    assert "voxelmorph" in out.read_text()
