@@ -131,3 +131,18 @@ def test_train_with_crops_and_synthetic_pairs(tiny_phantom, tmp_path):
 def test_crop_larger_than_volume_is_refused(tiny_phantom, tmp_path):
     with pytest.raises(InputError, match="larger than the volumes"):
         train(_cfg(tiny_phantom, epochs=1, crop=[64, 64, 64]), tmp_path / "run", progress=False)
+
+
+def test_more_validation_pairs_than_subjects_allow_is_capped(tiny_phantom, tmp_path):
+    res = train(_cfg(tiny_phantom, epochs=1, val_pairs=50), tmp_path / "run", progress=False)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert res.steps == 2 and any(r.split(",")[5] for r in rows[1:])
+
+
+def test_bad_data_leaves_an_existing_run_untouched(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    with pytest.raises(InputError):
+        train(_cfg(tmp_path / "no-such-data"), run, overwrite=True, progress=False)
+    assert (run / "keep.txt").read_text() == "mine"

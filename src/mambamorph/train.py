@@ -80,18 +80,23 @@ def open_dataset(data: DataConfig, split: str, seed: int = 0):
                                  moving=data.moving, fixed=data.fixed, grid=grid)
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Fail early (before any work) if the run folder cannot be used as asked."""
     if resume:
         if not (run_dir / "checkpoints" / "last_state.json").exists():
             raise InputError(f"{run_dir}: nothing to resume (no checkpoints/last_state.json)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{run_dir}: run folder exists and is not empty; choose another "
-                             "--out, pass --resume to continue it, or --overwrite to replace it")
-        import shutil
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise InputError(f"{run_dir}: run folder exists and is not empty; choose another "
+                         "--out, pass --resume to continue it, or --overwrite to replace it")
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Empty (``--overwrite``) and create the run folder; called once data and model load."""
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            import shutil
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def random_displacement(shape, max_voxels: float, generator: torch.Generator,
@@ -211,7 +216,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
         InputError: bad run folder, data or settings.
     """
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, resume, overwrite)
+    _check_run_dir(run_dir, resume, overwrite)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,7 +227,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     train_ds = open_dataset(cfg.data, "train", cfg.seed)
     val_ds = open_dataset(cfg.data, "val", cfg.seed)
     from mambamorph.data.datasets import test_pairs
-    val_pairs = test_pairs(val_ds.subjects, cfg.val_pairs, cfg.seed) if cfg.val_pairs else []
+    n_val = len(val_ds.subjects)
+    n_pairs = min(cfg.val_pairs, n_val * (n_val - 1))
+    if n_pairs < cfg.val_pairs:
+        log.warning("%d validation pairs requested; %d validation subjects give %d",
+                    cfg.val_pairs, n_val, n_pairs)
+    val_pairs = test_pairs(val_ds.subjects, n_pairs, cfg.seed) if n_pairs > 0 else []
     steps_per_epoch = cfg.steps_per_epoch or len(train_ds.subjects)
     total_steps = cfg.epochs * steps_per_epoch
 
@@ -235,6 +245,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
         model = build_model(cfg.model, **cfg.model_args).to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # only now, with data and model known to be usable, touch the run folder
+    _prepare_run_dir(run_dir, resume)
 
     cdir = run_dir / "checkpoints"
     # what `register` needs to rebuild the model space: the data's voxel spacing and grid
