@@ -146,3 +146,15 @@ def test_bad_data_leaves_an_existing_run_untouched(tmp_path):
     with pytest.raises(InputError):
         train(_cfg(tmp_path / "no-such-data"), run, overwrite=True, progress=False)
     assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_cli_resume_extends_a_finished_run(tiny_phantom, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--steps", "2",
+            "--val-pairs", "1", "--out", str(out), "--quiet", "--device", "cpu"]
+    assert main(args + ["--epochs", "1"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--quiet"]) == 0
+    assert "4 steps" in capsys.readouterr().out
+    steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert max(steps) == 4
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
