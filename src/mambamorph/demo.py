@@ -1,8 +1,8 @@
 """``mambamorph demo``: the whole product on this machine, end to end, with no download.
 
 1. builds the phantom MR/CT dataset at the CPU preset (2 mm, 96x112x96) in ``OUT/data``;
-2. trains ``mambamorph`` and ``voxelmorph`` on its training split for a fixed wall-clock budget,
-   each starting from the phantom weights shipped inside the package (trained longer by
+2. trains ``mambamorph`` and ``voxelmorph`` on its training split for a fixed number of steps
+   (each capped in wall-clock time), each starting from the phantom weights shipped inside the package (trained longer by
    ``mambamorph train``; see docs/weights.md) when they exist;
 3. evaluates both and the identity ("Initial") on the held-out test pairs and writes the tables
    and figures to ``OUT/eval``, printing the table.
@@ -66,15 +66,17 @@ def _phantom_matches(data_dir: Path, recipe: DemoRecipe) -> bool:
         info = json.loads((data_dir / "phantom.json").read_text())
     except (OSError, ValueError):
         return False
-    grid = list(recipe.grid) if recipe.grid else [96, 112, 96]
+    from mambamorph.data.phantom import PRESETS
+
+    grid = list(recipe.grid or PRESETS["cpu"][0])
     return ((data_dir / "split.json").exists() and info.get("grid") == grid
             and info.get("n_subjects", len(info.get("subjects", []))) == recipe.subjects)
 
 
 def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
              quick: bool = False, overwrite: bool = False, progress: bool = True,
-             threads: int | None = None, printer=print) -> dict:
-    """Run the demo; returns the evaluation summary (see :func:`mambamorph.evaluate.run_evaluation`).
+             threads: int | None = None, printer=print):
+    """Run the demo; returns the :class:`mambamorph.evaluate.EvalResult` of the test pairs.
 
     Args:
         out: run folder; an existing non-empty folder is refused unless ``overwrite`` (a phantom
