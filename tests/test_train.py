@@ -73,6 +73,24 @@ def test_init_from_checkpoint_must_match_model(tiny_phantom, tmp_path):
                    init=str(tmp_path / "a/checkpoints/last.json")), tmp_path / "b", progress=False)
 
 
+def test_init_scores_the_starting_weights_first(tiny_phantom, tmp_path):
+    """Fine-tuning validates the starting weights at step 0: best is never worse than them."""
+    from mambamorph.data.datasets import SRRegDataset, test_pairs
+    from mambamorph.train import validate
+
+    train(_cfg(tiny_phantom, epochs=1), tmp_path / "a", progress=False)
+    start = tmp_path / "a/checkpoints/last.json"
+    res = train(_cfg(tiny_phantom, epochs=1, init=str(start)), tmp_path / "b", progress=False)
+    rows = [r.split(",") for r in (tmp_path / "b/log.csv").read_text().splitlines()[1:]]
+    val_rows = [r for r in rows if r[5]]
+    assert val_rows[0][0] == "0" and len(val_rows) == 2
+    ds = SRRegDataset(tiny_phantom, split="val")
+    model, _ = ckpt.load_model(start)
+    expect = validate(model, ds, test_pairs(ds.subjects, 2, 3), torch.device("cpu"))
+    assert float(val_rows[0][5]) == pytest.approx(expect, abs=1e-3)
+    assert res.best_val_dice >= expect - 1e-3
+
+
 def test_cli_train_and_errors(tiny_phantom, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--epochs", "1",

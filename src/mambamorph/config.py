@@ -58,7 +58,8 @@ class TrainConfig:
         synthetic: fraction of steps that train on an intra-subject pair with a known random
             smooth deformation (moving modality -> the same subject's fixed modality warped),
             adding ``flow_weight`` x the squared error to the known field; 0 = the paper.
-        synthetic_voxels: largest displacement of those fields, in voxels.
+        synthetic_voxels: largest velocity component of those fields, in voxels (each pair draws
+            its own in ``[synthetic_voxels / 4, synthetic_voxels]``).
         flow_weight: weight of that squared error.
         crop: train on random crops of this size (dims divisible by 16) instead of whole
             volumes: cheaper steps; validation and inference use whole volumes.
