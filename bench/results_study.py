@@ -20,7 +20,9 @@ It prints figures; it never passes or fails on them. Measured results: docs/resu
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -100,9 +102,6 @@ def main(argv=None) -> int:
 
 def _training_row(name: str, run: Path) -> str:
     """One Markdown row from a run folder's log.csv."""
-    import csv
-    import math
-
     steps, seconds, best, best_step = 0, 0.0, float("nan"), 0
     with open(run / "log.csv", newline="") as f:
         for r in csv.DictReader(f):
