@@ -138,6 +138,23 @@ def test_synthetic_pair_target_is_the_applied_field(tiny_phantom):
     assert torch.equal(orig["moving"], b["moving"])
 
 
+@pytest.mark.gpu
+def test_synthetic_pair_on_cuda_matches_cpu(tiny_phantom):
+    import numpy as np
+
+    from mambamorph.data.datasets import SRRegDataset
+    from mambamorph.train import synthetic_pair
+
+    ds = SRRegDataset(tiny_phantom, split="train")
+    cpu = synthetic_pair(ds, np.random.default_rng(3), 3.0, crop=(32, 32, 32))
+    gpu = synthetic_pair(ds, np.random.default_rng(3), 3.0, crop=(32, 32, 32), device="cuda")
+    assert gpu["fixed"].is_cuda and gpu["target_flow"].is_cuda
+    assert torch.allclose(gpu["target_flow"].cpu(), cpu["target_flow"], atol=1e-4)
+    assert torch.allclose(gpu["fixed"].cpu(), cpu["fixed"], atol=1e-3)
+    # labels are warped by nearest neighbour: a rounding tie may flip a few voxels
+    assert (gpu["fixed_seg"].cpu() != cpu["fixed_seg"]).float().mean() < 1e-3
+
+
 def test_train_with_crops_and_synthetic_pairs(tiny_phantom, tmp_path):
     res = train(_cfg(tiny_phantom, epochs=1, crop=[32, 32, 32], synthetic=0.5,
                      dice_scales=[1, 2]), tmp_path / "run", progress=False)

@@ -100,12 +100,14 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def random_displacement(shape, max_voxels: float, generator: torch.Generator,
-                        coarse: int = 8) -> torch.Tensor:
+                        coarse: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
     """A smooth random diffeomorphic displacement ``(1, 3, D0, D1, D2)`` in voxels.
 
     Gaussian noise on a grid ``coarse`` times coarser, upsampled trilinearly, scaled so that the
     largest velocity component is ``max_voxels``, then integrated by scaling and squaring (7
     steps), so the field is invertible and its largest displacement is about ``max_voxels``.
+    The noise is always drawn on the CPU from ``generator`` (same field for the same seed on any
+    device); the upsampling and integration run on ``device`` (default: the CPU).
     """
     import torch.nn.functional as F
 
@@ -113,6 +115,8 @@ def random_displacement(shape, max_voxels: float, generator: torch.Generator,
 
     small = [max(2, int(d) // coarse) for d in shape]
     v = torch.randn(1, 3, *small, generator=generator)
+    if device is not None:
+        v = v.to(device)
     v = F.interpolate(v, size=tuple(int(d) for d in shape), mode="trilinear", align_corners=True)
     v = v * (max_voxels / v.abs().amax().clamp_min(1e-6))
     return integrate_velocity(v, 7)
@@ -132,7 +136,8 @@ def random_crop(batch: dict, size, rng: np.random.Generator) -> dict:
     return {k: (v[sl].contiguous() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=None) -> dict:
+def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=None,
+                   device: torch.device | str | None = None) -> dict:
     """An intra-subject pair with a known deformation (``target_flow``).
 
     Moving = the moving modality of subject s; fixed = the fixed modality of the same subject
@@ -141,6 +146,8 @@ def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=No
     teaches correspondence across modalities far faster than the sparse Dice gradient.
     The field's largest velocity component is drawn uniformly in
     ``[max_voxels / 4, max_voxels]``, so that small displacements are learnt as well as large.
+    With ``device`` (e.g. the training GPU) the field and the warps are computed there and the
+    returned tensors live there; on the CPU this costs ~0.35 s per 96x112x96 pair on 2 cores.
     """
     sid = dataset.subjects[int(rng.integers(len(dataset.subjects)))]
     batch = dataset.pair(sid, sid)
@@ -148,7 +155,9 @@ def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=No
         batch = random_crop(batch, crop, rng)
     amplitude = max_voxels * (0.25 + 0.75 * float(rng.random()))
     gen = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-    psi = random_displacement(batch["fixed"].shape[1:], amplitude, gen)
+    psi = random_displacement(batch["fixed"].shape[1:], amplitude, gen, device=device)
+    if device is not None:
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     batch["fixed"] = warp(batch["fixed"][None], psi)[0]
     batch["fixed_seg"] = warp(batch["fixed_seg"][None], psi, mode="nearest")[0]
     batch["target_flow"] = psi[0]
@@ -327,7 +336,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             end_epoch()
         while step < total_steps:
             if cfg.synthetic and np_rng.random() < cfg.synthetic:
-                batch = synthetic_pair(train_ds, np_rng, cfg.synthetic_voxels, cfg.crop)
+                batch = synthetic_pair(train_ds, np_rng, cfg.synthetic_voxels, cfg.crop,
+                                       device=device)
             else:
                 batch = train_ds.random_pair(np_rng)
                 if cfg.crop:
