@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from mambamorph.cli import main
 
@@ -63,11 +64,28 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "| Initial |" in text and "| MambaMorph |" in text and "| VoxelMorph |" in text
+    assert text.count("from the shipped phantom weights") == 2
     for f in ("eval/results.md", "eval/results.json", "eval/per_roi_dice.png",
               "runs/mambamorph/checkpoints/last.json", "runs/voxelmorph/log.csv"):
         assert (out / f).exists(), f
     # the run folder is not silently replaced
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 2
+
+
+def test_shipped_weights_load_and_say_where_they_came_from():
+    from mambamorph.checkpoint import load_model
+    from mambamorph.demo import DEMO_MODELS, shipped_weights
+
+    for name in DEMO_MODELS:
+        stem = shipped_weights(name)
+        assert stem is not None, name
+        model, info = load_model(stem)
+        assert info["model"] == name and model.registry_name == name
+        meta = info["meta"]
+        assert meta["grid"] == [96, 112, 96] and meta["moving"] == "mr" and meta["fixed"] == "ct"
+        assert "validation" in meta["provenance"] and meta["val_dice"] > 70
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # fp16 file, fp32 model
+    assert shipped_weights("transmorph") is None
 
 
 def test_bench_quick_prints_tables(capsys, tmp_path):

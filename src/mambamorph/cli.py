@@ -125,7 +125,7 @@ def cmd_demo(a) -> int:
     from mambamorph.demo import run_demo
 
     run_demo(out=a.out, minutes=a.minutes, quick=a.quick, overwrite=a.overwrite,
-             progress=not a.quiet, threads=a.threads)
+             progress=not a.quiet, threads=a.threads, from_scratch=a.from_scratch)
     return 0
 
 
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget per model in minutes (default from the demo recipe)")
     m.add_argument("--quick", action="store_true", help="tiny, minutes-long version (for CI)")
     m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--from-scratch", action="store_true",
+                   help="ignore the phantom weights shipped in the package")
     m.add_argument("--overwrite", action="store_true")
     quiet(m)
     m.set_defaults(func=cmd_demo)

@@ -75,7 +75,7 @@ def _phantom_matches(data_dir: Path, recipe: DemoRecipe) -> bool:
 
 def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
              quick: bool = False, overwrite: bool = False, progress: bool = True,
-             threads: int | None = None, printer=print):
+             threads: int | None = None, from_scratch: bool = False, printer=print):
     """Run the demo; returns the :class:`mambamorph.evaluate.EvalResult` of the test pairs.
 
     Args:
@@ -83,6 +83,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
             already built there by an earlier demo is reused).
         minutes: training budget per model, overriding the recipe's.
         quick: the CI-sized version.
+        from_scratch: ignore the shipped phantom weights (train from random initialisation).
     """
     from mambamorph.data.phantom import build_phantom
     from mambamorph.evaluate import run_evaluation
@@ -107,7 +108,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
 
     checkpoints = []
     for name in DEMO_MODELS:
-        init = shipped_weights(name)
+        init = None if from_scratch else shipped_weights(name)
         budget = minutes if minutes is not None else recipe.minutes[name]
         what = f"{budget:g} min" if minutes is not None else \
             f"{recipe.steps[name]} steps (at most {budget:g} min)"
