@@ -323,25 +323,24 @@ def test_peak_memory_cpu():
     assert small.peak_bytes < 0.3 * size
 
 
-def test_peak_memory_cpu_counts_reused_heap(monkeypatch):
+def test_peak_memory_cpu_counts_reused_heap():
     import mambamorph.metrics as m
 
     if not m._release_free_heap():
         pytest.skip("no glibc malloc_trim here")
 
-    def measure():
+    def measure(release_free):
         xs = [torch.ones(16 * 1024) for _ in range(2000)]  # 64 KB each from the heap, 125 MB
         pin = torch.ones(16)  # allocated after them: the freed block cannot be trimmed from the top
         del xs
-        with PeakMemory() as mem:
+        with PeakMemory(release_free=release_free) as mem:
             ys = [torch.ones(16 * 1024) for _ in range(2000)]
             time.sleep(0.02)
         del ys, pin
         return mem.peak_bytes
 
-    assert measure() > 100 * 2 ** 20  # the block's 125 MB, although the heap already held it
-    monkeypatch.setattr(m, "_release_free_heap", lambda: False)
-    assert measure() < 30 * 2 ** 20  # what it read before the fix: the reuse was invisible
+    assert measure(True) > 100 * 2 ** 20  # the block's 125 MB, although the heap already held it
+    assert measure(False) < 30 * 2 ** 20  # without the release the reuse is invisible
 
 
 @pytest.mark.gpu

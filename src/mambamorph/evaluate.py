@@ -17,8 +17,9 @@ with nearest-neighbour sampling and scores it against the fixed label map:
 - time per pair, device-synchronised; each method's first pair is a warm-up and is left out of
   the mean (so at least 2 pairs are needed);
 - peak memory of the call: CUDA memory allocated (weights, inputs and activations, absolute) on
-  a GPU, the growth of the resident set size on a CPU (an estimate: memory the allocator keeps
-  from an earlier call is not counted again);
+  a GPU, the growth of the resident set size on a CPU (before each method's warm-up pair, free
+  heap memory is handed back to the OS so the whole working set is counted there; the timed
+  pairs run without that, in steady state); the table shows the largest over the pairs;
 - the number of trainable parameters.
 
 Table values are mean +- standard deviation over the pairs (population std, as numpy's default).
@@ -800,7 +801,8 @@ def evaluate(methods: Sequence[Method], dataset, pairs: Sequence, out_dir: str |
                 if runner is not None:
                     mov = pair["moving"][None].to(mdev)  # (1, 1, D0, D1, D2)
                     fix = pair["fixed"][None].to(mdev)
-                    with PeakMemory(mdev) as mem, Timer(mdev) as timer:
+                    # k == 0 (warm-up, not timed): trim the heap so the working set shows
+                    with PeakMemory(mdev, release_free=k == 0) as mem, Timer(mdev) as timer:
                         flow = runner(mov, fix, spacing)
                     seconds, mem_bytes = timer.seconds, int(mem.peak_bytes)
                     if tuple(flow.shape) != (1, 3, *fix.shape[2:]):
@@ -892,7 +894,9 @@ def _write_outputs(out: Path, summaries: list[MethodSummary], records: list[Pair
         "over the ROIs (the 'max' variant is in results.csv/json). Folding: % of voxels with "
         "Jacobian determinant <= 0. Values are mean ± std over the pairs. Time: seconds per "
         "pair, device-synchronised, the first pair left out as warm-up. Memory: peak CUDA "
-        "memory allocated (GPU) or growth of the resident set (CPU) during one registration. "
+        "memory allocated (GPU) or growth of the resident set (CPU) during one registration, "
+        "the largest over the pairs (on a CPU the warm-up pair runs after free heap memory is "
+        "returned to the OS, so the whole working set counts). "
         "Params: trainable parameters, millions.",
         "",
         "| Method | Source |",

@@ -420,19 +420,23 @@ class PeakMemory:
       entry is in ``start_bytes``.
     - CPU: the peak resident set size of the process *above* its size at entry, sampled from
       ``/proc/self/statm`` by a background thread every ``interval`` seconds (and once at exit).
-      Allocations shorter than the interval can be missed. On entry, memory the C allocator
-      holds free is first returned to the OS (:func:`_release_free_heap`, glibc), so that
-      reusing memory freed by earlier work still counts. Without ``/proc`` (not Linux) the
-      figure is the growth of ``getrusage``'s lifetime peak, a lower bound.
+      Allocations shorter than the interval can be missed. With ``release_free`` (default),
+      memory the C allocator holds free is first returned to the OS
+      (:func:`_release_free_heap`, glibc), so that reusing memory freed by earlier work still
+      counts; the block then pays the page faults of a fresh process, so time it in another
+      call when steady-state time matters. Without ``/proc`` (not Linux) the figure is the
+      growth of ``getrusage``'s lifetime peak, a lower bound.
 
     Args:
         device: device the measured work runs on (``None``: CPU).
         interval: CPU sampling period in seconds.
+        release_free: CPU only: return free heap memory to the OS on entry (see above).
     """
 
-    def __init__(self, device=None, interval: float = 0.002) -> None:
+    def __init__(self, device=None, interval: float = 0.002, release_free: bool = True) -> None:
         self.device = _device(device)
         self.interval = float(interval)
+        self.release_free = bool(release_free)
         self.peak_bytes: int = 0
         self.start_bytes: int = 0
         self._peak_rss = 0
@@ -452,7 +456,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start_bytes = int(torch.cuda.memory_allocated(self.device))
             return self
-        _release_free_heap()
+        if self.release_free:
+            _release_free_heap()
         rss = _rss_bytes()
         self._use_proc = rss is not None
         if self._use_proc:
