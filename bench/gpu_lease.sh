@@ -83,7 +83,8 @@ wait
 stamp "training done"
 nvidia-smi --query-gpu=memory.used --format=csv >> "$W/machine.txt" 2>&1
 
-for name in mm-syn mm-mix mm-dice vm-mix; do
+RUNS="mm-syn mm-mix mm-dice vm-mix"  # the four runs started above
+for name in $RUNS; do
   echo "== $name: $(tail -2 "$W/$name.log" | tr '\n' ' ')"
   grep -E '^[0-9]+,' "$W/$name/log.csv" 2>/dev/null | awk -F, '$6 != "" {print "  step", $1, "val", $6, "t", $8}' | tail -4
 done
@@ -94,14 +95,14 @@ echo "bench rc=$?" >> "$W/bench-gpu.md"
 cat "$W/bench-gpu.md"
 
 stamp "packing"
-python3 - "$W" "$OUT" <<'EOF'
+python3 - "$W" "$OUT" $RUNS <<'EOF'
 import shutil, sys
 from pathlib import Path
 from mambamorph.checkpoint import load_model, save_model
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
+work, out, runs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 keep = out / "lease"
 keep.mkdir(parents=True, exist_ok=True)
-for run in ["mm-syn", "mm-mix", "mm-dice", "vm-mix"]:
+for run in runs:
     best = work / run / "checkpoints" / "best.safetensors"
     for f in [work / f"{run}.log", work / run / "log.csv", work / run / "config.yaml"]:
         if f.exists():

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -385,7 +386,15 @@ def _rss_bytes() -> int | None:
         return None
 
 
-_LIBC: Any = None
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (not glibc)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _release_free_heap() -> bool:
@@ -396,18 +405,10 @@ def _release_free_heap() -> bool:
     earlier, larger work freed, and a CPU peak of a small model run after a large one reads
     near 0 (seen: VoxelMorph evaluated after MambaMorph reported 4 KB instead of ~0.37 GB).
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - raises AttributeError where it is missing
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC is False:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC.malloc_trim(0)
+    trim(0)
     return True
 
 
