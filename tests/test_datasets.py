@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mambamorph.data import datasets as ds
-from mambamorph.data.labels import ROI_IDS
+from mambamorph.labels import ROI_IDS
 from mambamorph.errors import InputError
 
 IDS = [f"sub{k:03d}" for k in range(180)]

@@ -13,7 +13,7 @@ from matplotlib import image as mpimg
 
 from mambamorph import evaluate as ev
 from mambamorph.checkpoint import save_model
-from mambamorph.data.labels import ROI_IDS, ROI_NAMES, to_roi_index
+from mambamorph.labels import ROI_IDS, ROI_NAMES, to_roi_index
 from mambamorph.errors import InputError, MambaMorphError
 from mambamorph.metrics import dice_per_roi, hd95_per_roi
 from mambamorph.models import build_model

@@ -9,10 +9,10 @@ import torch
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from mambamorph.data.labels import ROI_IDS
-from mambamorph.metrics import (PeakMemory, Timer, dice_per_roi, folding_percent, hd95,
-                                hd95_per_roi, jacobian_determinant, sdlogj, surface_distances,
-                                timed)
+from mambamorph.labels import ROI_IDS
+from mambamorph.runtime import PeakMemory, Timer, timed
+from mambamorph.metrics import (dice_per_roi, folding_percent, hd95,
+                                hd95_per_roi, jacobian_determinant, sdlogj, surface_distances)
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -324,7 +324,7 @@ def test_peak_memory_cpu():
 
 
 def test_peak_memory_cpu_counts_reused_heap():
-    import mambamorph.metrics as m
+    import mambamorph.runtime as m
 
     if not m._release_free_heap():
         pytest.skip("no glibc malloc_trim here")

@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage as ndi
 
 from mambamorph.data import phantom as ph
-from mambamorph.data.labels import ALLOWED_IDS, ROI_IDS
+from mambamorph.labels import ALLOWED_IDS, ROI_IDS
 from mambamorph.errors import InputError, MambaMorphError
 from mambamorph.metrics import dice_per_roi
 

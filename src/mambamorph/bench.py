@@ -6,13 +6,13 @@ call these functions.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 
 import torch
 
 from mambamorph.models import build_model, count_parameters, list_models, predict
+from mambamorph.runtime import PeakMemory, Timer, describe_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ class ModelBenchRow:
                 f"{self.peak_mb:,.0f} | {self.device} |")
 
 
-def machine_description(device: torch.device) -> str:
-    """A short description of the machine a figure was measured on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 @torch.no_grad()
 def bench_model(name: str, grid: tuple[int, int, int], device: torch.device,
                 repeat: int = 1) -> ModelBenchRow:
@@ -50,7 +43,6 @@ def bench_model(name: str, grid: tuple[int, int, int], device: torch.device,
     starting one on CPU. The warm-up runs at 32^3 on CPU (compiles kernels) and at ``grid`` on
     GPU (cuDNN autotuning).
     """
-    from mambamorph.metrics import PeakMemory, Timer
 
     model = build_model(name).to(device).eval()
     warm = grid if device.type == "cuda" else (32, 32, 32)
@@ -65,7 +57,7 @@ def bench_model(name: str, grid: tuple[int, int, int], device: torch.device,
                 predict(model, mov, fix)
             times.append(t.seconds)
     return ModelBenchRow(name, tuple(grid), count_parameters(model), min(times),
-                         mem.peak_bytes / 2**20, machine_description(device))
+                         mem.peak_bytes / 2**20, describe_device(device))
 
 
 def run_bench(quick: bool = False, models: list[str] | None = None,
@@ -75,12 +67,11 @@ def run_bench(quick: bool = False, models: list[str] | None = None,
 
     ``quick`` uses a 64x64x64 grid and short scans (a smoke run, seconds).
     """
-    from mambamorph.train import resolve_device
 
     dev = resolve_device(device)
     names = models or list_models()
     grids = [(64, 64, 64)] if quick else [GRIDS[s] for s in (sizes or ["cpu", "full"])]
-    printer(f"# model inference, {machine_description(dev)}, torch {torch.__version__}, "
+    printer(f"# model inference, {describe_device(dev)}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}")
     printer("| model | grid | params | s / pair | peak MB | device |")
     printer("|---|---|---|---|---|---|")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from mambamorph import __version__
-from mambamorph.errors import InputError, MambaMorphError
+from mambamorph.errors import InputError, MambaMorphError, OutputExistsError
 
 
 def _grid(text: str) -> list[int]:
@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except OutputExistsError as e:
+        print(f"mambamorph {args.command}: error: {e} (--overwrite replaces it)", file=sys.stderr)
+        return 2
     except MambaMorphError as e:
         print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
         return 2

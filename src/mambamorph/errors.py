@@ -11,3 +11,19 @@ class MambaMorphError(Exception):
 
 class InputError(MambaMorphError, ValueError):
     """Bad input data or arguments: unreadable file, wrong dimensionality, NaN voxels, ..."""
+
+
+class OutputExistsError(InputError):
+    """An output file or a non-empty output folder exists and replacing it was not asked for.
+
+    The message names the path and says nothing of command-line flags; the CLI adds how to ask
+    for the replacement (``--overwrite``).
+    """
+
+
+class WriteError(MambaMorphError, OSError):
+    """An output could not be written (full disk, vanished or read-only folder, ...).
+
+    The message names the file and the operating system's reason; whatever was complete before
+    the failed write (an earlier checkpoint, other outputs) is left as it was.
+    """

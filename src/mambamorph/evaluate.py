@@ -38,7 +38,7 @@ Files written to ``out_dir``::
 
 Label maps: the datasets give compact ROI indices (0 = background, k = ROI ``ROI_IDS[k-1]``);
 they are turned into FreeSurfer ids once, by :func:`roi_index_to_ids`, and every metric and
-figure then uses the default 16-ROI table of :mod:`mambamorph.data.labels`.
+figure then uses the default 16-ROI table of :mod:`mambamorph.labels`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -61,8 +60,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mambamorph.data.labels import NUM_ROIS, ROI_IDS, ROI_NAMES
+from mambamorph.labels import NUM_ROIS, ROI_IDS, ROI_NAMES
 from mambamorph.errors import InputError, MambaMorphError
+from mambamorph.runtime import PeakMemory, Timer, describe_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ _INDEX_TO_ID = np.array((0, *ROI_IDS), dtype=np.int16)
 
 
 def roi_index_to_ids(index) -> np.ndarray:
-    """Compact ROI indices (0..16, see :func:`mambamorph.data.labels.to_roi_index`) -> ids.
+    """Compact ROI indices (0..16, see :func:`mambamorph.labels.to_roi_index`) -> ids.
 
     Args:
         index: integer array or tensor of any shape with values 0..16.
@@ -675,12 +675,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def _progress_callback(progress, total: int):
     """(callback(done, total, method), close) from ``progress`` (bool, callable or None)."""
     if callable(progress):
@@ -762,7 +756,7 @@ def evaluate(methods: Sequence[Method], dataset, pairs: Sequence, out_dir: str |
             ``overwrite``, bad data from the dataset, CUDA asked for but absent.
     """
     from mambamorph import viz
-    from mambamorph.metrics import PeakMemory, Timer, dice_per_roi
+    from mambamorph.metrics import dice_per_roi
     from mambamorph.nn.spatial import warp
 
     methods = list(methods)
@@ -773,7 +767,6 @@ def evaluate(methods: Sequence[Method], dataset, pairs: Sequence, out_dir: str |
         raise InputError(f"need at least 2 test pairs (each method's first pair is a timing "
                          f"warm-up), got {len(pairs)}")
     methods = _unique_names(methods)
-    from mambamorph.train import resolve_device
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     out = Path(out_dir)
@@ -840,7 +833,7 @@ def evaluate(methods: Sequence[Method], dataset, pairs: Sequence, out_dir: str |
     grids = sorted({tuple(p["fixed"].shape[1:]) for p in cache})
     meta = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": _device_description(dev),
+        "device": describe_device(dev),
         "torch": torch.__version__,
         "n_pairs": len(cache),
         "pairs": [[p["moving_id"], p["fixed_id"]] for p in cache],
@@ -956,7 +949,7 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
     """
     from mambamorph.config import DataConfig
     from mambamorph.data.datasets import test_pairs
-    from mambamorph.train import open_dataset, resolve_device
+    from mambamorph.data.datasets import open_dataset
 
     out = Path(out_dir)
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -18,6 +18,7 @@ import gzip
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 from nibabel import orientations as nio
 
-from mambamorph.data import labels as _labels
-from mambamorph.errors import InputError
+from mambamorph import labels as _labels
+from mambamorph.errors import InputError, OutputExistsError, WriteError
 
 __all__ = ["Volume", "read_volume", "read_labels", "write_volume", "write_itk_displacement",
-           "atomic_write_bytes"]
+           "atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
 
 _RAS = nio.axcodes2ornt(("R", "A", "S"))
 _NIFTI_EXT = (".nii.gz", ".nii")
@@ -175,10 +176,10 @@ def read_labels(path: str | os.PathLike, check_table: bool = True,
     Args:
         path: a ``.nii`` / ``.nii.gz`` label map (integer ids, or floats holding integers).
         check_table: check the ids against the 16-ROI table
-            (:func:`mambamorph.data.labels.check_label_ids`), after merging the hemispheres,
+            (:func:`mambamorph.labels.check_label_ids`), after merging the hemispheres,
             so FreeSurfer right-hemisphere ids (41, 42, ...) are accepted.
         merge_hemispheres: return the merged ids (41 -> 2, 42 -> 3, ...; see
-            :func:`mambamorph.data.labels.merge_hemispheres`) instead of the ids as stored.
+            :func:`mambamorph.labels.merge_hemispheres`) instead of the ids as stored.
     Returns:
         :class:`Volume` with ``data`` ``(D0, D1, D2)`` int64.
     Raises:
@@ -208,6 +209,10 @@ os.umask(_UMASK)
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
 
+    The one writer of the package: every output (volumes, checkpoints, tables, figures) goes
+    through it, so a reader never sees a half-written file and a failed write leaves the previous
+    file (if any) as it was.
+
     Args:
         path: destination; its folder is created if missing.
         data: the bytes to write.
@@ -215,24 +220,79 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = F
     Returns:
         The destination path.
     Raises:
-        InputError: ``path`` exists and ``overwrite`` is false, or it is a folder.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        InputError: ``path`` is a folder.
+        WriteError: the operating system refused the write (full disk, vanished or read-only
+            folder); the message names the file. No temporary file is left behind.
     """
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{p}: is a folder, expected a file name")
     if p.exists() and not overwrite:
-        raise InputError(f"{p}: file exists; pass overwrite=True (--overwrite) to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        raise OutputExistsError(f"{p}: file exists")
+    tmp = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, p)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise WriteError(f"{p}: cannot write: {e.strerror or e}") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
+                       owned: Callable[[Path], bool] | None = None,
+                       what: str = "output folder") -> Path:
+    """The one output-folder rule: create ``out_dir``, refusing a non-empty one unless asked.
+
+    A missing or empty folder is created. A non-empty one is refused unless ``overwrite``; with
+    ``overwrite``, only the files that ``owned`` recognises (what an earlier run of the same job
+    wrote, by path) are deleted, so nothing else of the user's is lost; ``owned=None`` deletes
+    nothing (files are then replaced one by one as they are written).
+
+    Args:
+        out_dir: the folder.
+        overwrite: allow a non-empty folder.
+        owned: ``owned(path) -> bool`` for each file under ``out_dir`` (recursively): True for
+            files this job wrote earlier and may delete.
+        what: how messages name the folder (``"run folder"``, ``"output folder"``).
+    Returns:
+        ``out_dir`` as a ``Path``.
+    Raises:
+        InputError: ``out_dir`` exists and is not a folder.
+        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
+        WriteError: the folder cannot be created.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out}: {what} exists and is not empty; choose another "
+                                    "folder")
+        if owned is not None:
+            for f in sorted(out.rglob("*")):
+                if f.is_file() and owned(f):
+                    f.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{out}: cannot create the {what}: {e.strerror or e}") from e
+    return out
 
 
 def _save(path: Path, img: nib.Nifti1Image, overwrite: bool) -> Path:

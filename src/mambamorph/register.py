@@ -67,7 +67,8 @@ from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
 from mambamorph.io import (Volume, atomic_write_bytes, read_labels, read_volume,
                            write_itk_displacement, write_volume)
-from mambamorph.metrics import Timer, folding_percent, jacobian_determinant
+from mambamorph.metrics import folding_percent, jacobian_determinant
+from mambamorph.runtime import Timer, resolve_device
 
 __all__ = [
     "DEFAULT_SPACING",
@@ -358,15 +359,6 @@ class RegistrationResult:
 
 
 # ------------------------------------------------------------------------------------ driver
-def _resolve_device(device: str | torch.device) -> torch.device:
-    from mambamorph.train import resolve_device
-
-    try:
-        return resolve_device(str(device))
-    except RuntimeError as e:  # torch.device("bogus")
-        raise InputError(f"device {str(device)!r}: {e}") from None
-
-
 def _check_checkpoint_arg(model: str | os.PathLike) -> Path:
     """A checkpoint path; a bare model name gets a message that says what to pass instead."""
     p = Path(model)
@@ -433,7 +425,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
     t_start = time.perf_counter()
     out_dir = Path(out)
     paths = _outputs(out_dir, moving_seg is not None, overwrite)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     ckpt = _check_checkpoint_arg(model)
 
     fix = read_volume(fixed)

@@ -33,12 +33,14 @@ import torch
 
 from mambamorph import checkpoint as ckpt
 from mambamorph.config import DataConfig, TrainConfig, dump_yaml
-from mambamorph.data import labels
+from mambamorph import labels
 from mambamorph.errors import InputError
 from mambamorph.losses import grad_l2, multiscale_label_dice_loss
 from mambamorph.metrics import dice_per_roi
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
+from mambamorph.runtime import resolve_device
+from mambamorph.data.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +54,6 @@ class TrainResult:
     last_val_dice: float
     seconds: float
     stopped_early: bool
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Raises InputError for an unusable device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available on this machine")
-    return dev
-
-
-def open_dataset(data: DataConfig, split: str, seed: int = 0):
-    """The dataset of one split for a :class:`DataConfig` (SR-Reg layout folder or manifest)."""
-    from mambamorph.data import datasets
-
-    grid = tuple(data.grid) if data.grid else None
-    if data.manifest:
-        return datasets.ManifestDataset(data.manifest, split=split, moving=data.moving,
-                                        fixed=data.fixed, grid=grid, seed=seed,
-                                        split_file=data.split_file)
-    if not data.root:
-        raise InputError("no training data: give a dataset folder (--data DIR) or a manifest "
-                         "(--manifest CSV); `mambamorph data phantom --out DIR` builds one")
-    return datasets.SRRegDataset(data.root, split=split, split_file=data.split_file, seed=seed,
-                                 moving=data.moving, fixed=data.fixed, grid=grid)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ Orientation letters are drawn at the edges of the first panel of each row. Pixel
 follow the voxel ``spacing`` (mm).
 
 Label maps passed to these functions hold FreeSurfer ids (the 16-ROI table of
-:mod:`mambamorph.data.labels`), the same convention as :mod:`mambamorph.metrics`.
+:mod:`mambamorph.labels`), the same convention as :mod:`mambamorph.metrics`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mambamorph.data.labels import ROI_IDS, ROI_NAMES
+from mambamorph.labels import ROI_IDS, ROI_NAMES
 from mambamorph.errors import InputError
 
 __all__ = [

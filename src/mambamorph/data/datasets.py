@@ -9,7 +9,7 @@ training, validation and test subjects stay disjoint whatever seed later command
 A dataset gives, per subject, images as ``float32`` tensors ``(1, D0, D1, D2)`` min-max
 normalised to [0, 1] and label maps as ``uint8`` tensors ``(1, D0, D1, D2)`` of compact ROI
 indices (0 = background or ignored, k = ROI ``ROI_IDS[k - 1]``; see
-:func:`mambamorph.data.labels.to_roi_index`), both in canonical RAS+ orientation and, when a
+:func:`mambamorph.labels.to_roi_index`), both in canonical RAS+ orientation and, when a
 ``grid`` is given, centre-cropped / zero-padded to it. A registration pair is a dict with keys
 ``moving``, ``fixed``, ``moving_seg``, ``fixed_seg`` (those tensors) and ``moving_id``,
 ``fixed_id``; pairs are inter-subject (moving id != fixed id).
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mambamorph.data import labels as _labels
+from mambamorph import labels as _labels
 from mambamorph.data.preprocess import crop_or_pad, ct_window, minmax
 from mambamorph.errors import InputError
 from mambamorph.io import atomic_write_bytes, read_labels, read_volume
@@ -311,7 +311,7 @@ class _PairSource:
 
         Returns:
             ``uint8`` tensor ``(1, D0, D1, D2)`` of values 0..16 (see
-            :func:`mambamorph.data.labels.to_roi_index`), crop/padded to ``grid``.
+            :func:`mambamorph.labels.to_roi_index`), crop/padded to ``grid``.
         Raises:
             InputError: missing or bad file (see :func:`mambamorph.io.read_labels`), ids outside
                 the 16-ROI table, shape that differs from the subject's images.
@@ -554,3 +554,18 @@ class PairDataset(torch.utils.data.IterableDataset):
             if k % n_workers == w:
                 yield self.source.pair(*ids)
             k += 1
+
+
+def open_dataset(data, split: str, seed: int = 0):
+    """The dataset of one split (``"train"``, ``"val"`` or ``"test"``) for a
+    :class:`mambamorph.config.DataConfig` (an SR-Reg layout folder or a CSV manifest)."""
+    grid = tuple(data.grid) if data.grid else None
+    if data.manifest:
+        return ManifestDataset(data.manifest, split=split, moving=data.moving,
+                                        fixed=data.fixed, grid=grid, seed=seed,
+                                        split_file=data.split_file)
+    if not data.root:
+        raise InputError("no training data: give a dataset folder (--data DIR) or a manifest "
+                         "(--manifest CSV); `mambamorph data phantom --out DIR` builds one")
+    return SRRegDataset(data.root, split=split, split_file=data.split_file, seed=seed,
+                                 moving=data.moving, fixed=data.fixed, grid=grid)

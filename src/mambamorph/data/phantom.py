@@ -70,7 +70,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mambamorph.data.labels import ROI_IDS
+from mambamorph.labels import ROI_IDS
 from mambamorph.errors import InputError, MambaMorphError
 
 __all__ = [
