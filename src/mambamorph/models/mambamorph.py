@@ -28,19 +28,20 @@ Options beyond the paper (off by default): ``residual=True`` adds a residual con
 each Mamba block (``x + Mamba(LN(x))``, no new parameters); ``bidirectional=True`` is passed to
 the Mamba block, which adds a reversed scan branch (``mambamorph``: 7,712,835 parameters);
 ``checkpoint=True`` turns on gradient checkpointing of the feature extractor, the Mamba stages,
-the full- and half-resolution convolutions and the integration (same results, less memory; in a
-training step at 96x112x96 on the CPU, peak memory 3.75 -> 2.67 GB).
+the full- and half-resolution convolutions and the integration (same results, less memory, one
+more forward pass of those parts in the backward pass).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mambamorph.errors import InputError
-from mambamorph.models.registry import RegistrationOutput, register_model
+from mambamorph.models.config import ModelConfig, at_least
+from mambamorph.models.registry import ReadoutMixin, RegistrationOutput, register_model
 from mambamorph.nn.blocks import Grid, RegistrationUNet, check_pair, maybe_checkpoint
 from mambamorph.nn.features import FeatureExtractor, ReadoutHead
 from mambamorph.nn.mamba import Mamba
@@ -50,7 +51,7 @@ __all__ = ["MambaMorphConfig", "MambaMorph", "MambaStage"]
 
 
 @dataclass
-class MambaMorphConfig:
+class MambaMorphConfig(ModelConfig):
     """Hyper-parameters of :class:`MambaMorph`; ``build_model(name, **asdict(cfg))`` rebuilds it.
 
     Attributes:
@@ -75,7 +76,8 @@ class MambaMorphConfig:
         checkpoint: gradient checkpointing in training (same results, less memory, about one
             extra forward pass of the checkpointed parts in the backward pass).
     Raises:
-        InputError: inconsistent or out-of-range values (checked at construction).
+        InputError: values of the wrong type, inconsistent or out of range (checked at
+            construction; see :class:`~mambamorph.models.config.ModelConfig`).
     """
 
     in_channels: int = 1
@@ -94,32 +96,16 @@ class MambaMorphConfig:
     scan_impl: str | None = None
     checkpoint: bool = False
 
-    def __post_init__(self) -> None:
-        for name in ("in_channels", "feature_channels", "embed_dim", "num_stages",
-                     "head_channels", "d_state", "d_conv", "expand"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"mambamorph: {name} must be >= 1, got {getattr(self, name)}")
+    NAME = "mambamorph"
+
+    def problems(self) -> Iterator[str]:
+        yield from at_least(self, 1, "in_channels", "feature_channels", "embed_dim", "num_stages",
+                            "head_channels", "d_state", "d_conv", "expand")
+        yield from at_least(self, 0, "integration_steps")
         if self.embed_dim % 2:
-            raise InputError(f"mambamorph: embed_dim must be even, got {self.embed_dim}")
+            yield f"embed_dim must be even, got {self.embed_dim}"
         if self.readout_head and not self.use_features:
-            raise InputError("mambamorph: readout_head=True needs use_features=True")
-        if self.integration_steps < 0:
-            raise InputError(f"mambamorph: integration_steps must be >= 0, got "
-                             f"{self.integration_steps}")
-
-    @classmethod
-    def from_overrides(cls, **overrides) -> "MambaMorphConfig":
-        """Build a config from keyword overrides.
-
-        Raises:
-            InputError: unknown keys (the message lists the known ones) or bad values.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InputError(f"mambamorph: unknown option(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**overrides)
+            yield "readout_head=True needs use_features=True"
 
 
 class MambaStage(nn.Module):
@@ -155,7 +141,7 @@ class MambaStage(nn.Module):
         return f"residual={self.residual}"
 
 
-class MambaMorph(nn.Module):
+class MambaMorph(ReadoutMixin, nn.Module):
     """MambaMorph: (feature extractor) -> Mamba registration module -> velocity -> displacement.
 
     ``forward(moving, fixed)`` with ``(B, in_channels, D0, D1, D2)`` images, each ``D_i`` a
@@ -212,18 +198,6 @@ class MambaMorph(nn.Module):
         flow = maybe_checkpoint(cfg.checkpoint and self.training, integrate_velocity, velocity,
                                 cfg.integration_steps)
         return RegistrationOutput(flow=flow, velocity=velocity)
-
-    def readout(self, features: torch.Tensor) -> torch.Tensor:
-        """Apply the reference's read-out head to extractor features (parameter parity only).
-
-        ``(B, feature_channels, D0, D1, D2) -> (B, 3, D0/2, D1/2, D2/2)``.
-
-        Raises:
-            InputError: the model was built without ``readout_head=True``.
-        """
-        if self.readout_head is None:
-            raise InputError("mambamorph: built without readout_head=True")
-        return self.readout_head(features)
 
 
 @register_model("mambamorph")

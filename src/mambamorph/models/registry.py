@@ -38,6 +38,29 @@ class RegistrationOutput:
         return self.velocity if self.velocity is not None else self.flow
 
 
+class ReadoutMixin:
+    """``readout()`` for the models that can carry the reference's unused read-out head.
+
+    The model sets ``self.readout_head`` to a :class:`~mambamorph.nn.features.ReadoutHead` (built
+    with ``readout_head=True``, for parameter parity with the reference) or ``None``, and holds a
+    ``config`` whose ``NAME`` names the model in messages.
+    """
+
+    readout_head: nn.Module | None
+
+    def readout(self, features: torch.Tensor) -> torch.Tensor:
+        """Apply the read-out head to extractor features (parameter parity only).
+
+        ``(B, feature_channels, D0, D1, D2) -> (B, 3, D0/2, D1/2, D2/2)``.
+
+        Raises:
+            InputError: the model was built without ``readout_head=True``.
+        """
+        if self.readout_head is None:
+            raise InputError(f"{self.config.NAME}: built without readout_head=True")
+        return self.readout_head(features)
+
+
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering ``fn(**overrides) -> nn.Module`` under ``name``."""
 
@@ -86,8 +109,8 @@ def predict(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> Regi
 
     ``moving``, ``fixed``: ``(B, C, D0, D1, D2)`` on the model's device. On the CPU the weights
     and inputs are put in channels-last 3D memory format first: oneDNN's 3D convolutions, which
-    dominate these models' CPU time, run about 1.4x faster that way at full size (measured in
-    docs/results.md); the numbers computed are the same to float rounding.
+    dominate these models' CPU time, run faster that way (figures in docs/results.md); the
+    numbers computed are the same to float rounding.
     """
     if moving.device.type == "cpu":
         cl = torch.channels_last_3d

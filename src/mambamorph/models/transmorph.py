@@ -37,12 +37,13 @@ features), so nothing is dropped here: both counts equal SPEC.md's exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mambamorph.errors import InputError
+from mambamorph.models.config import ModelConfig, at_least, token_stage_problems
 from mambamorph.models.registry import RegistrationOutput, register_model
 from mambamorph.nn.blocks import RegistrationUNet, check_pair
 from mambamorph.nn.features import FeatureExtractor
@@ -52,7 +53,7 @@ __all__ = ["TransMorphConfig", "TransMorph"]
 
 
 @dataclass
-class TransMorphConfig:
+class TransMorphConfig(ModelConfig):
     """Hyper-parameters of :class:`TransMorph`; ``build_model(name, **asdict(cfg))`` rebuilds it.
 
     Attributes:
@@ -75,7 +76,8 @@ class TransMorphConfig:
         checkpoint: gradient checkpointing (same result, less memory, slower backward).
 
     Raises:
-        InputError: inconsistent or out-of-range values (checked at construction).
+        InputError: values of the wrong type, inconsistent or out of range (checked at
+            construction; see :class:`~mambamorph.models.config.ModelConfig`).
     """
 
     in_channels: int = 1
@@ -93,44 +95,11 @@ class TransMorphConfig:
     position_code: bool = False
     checkpoint: bool = False
 
-    def __post_init__(self) -> None:
-        # JSON round trips turn tuples into lists.
-        self.depths = tuple(int(d) for d in self.depths)
-        self.num_heads = tuple(int(h) for h in self.num_heads)
-        self.window_size = tuple(int(w) for w in self.window_size)
-        bad = None
-        if self.in_channels < 1 or self.feature_channels < 1 or self.head_channels < 1:
-            bad = "in_channels, feature_channels and head_channels must be >= 1"
-        elif self.embed_dim < 2 or self.embed_dim % 2:
-            bad = f"embed_dim must be even and >= 2, got {self.embed_dim}"
-        elif not self.depths or len(self.depths) != len(self.num_heads):
-            bad = (f"depths {self.depths} and num_heads {self.num_heads} must be non-empty and "
-                   "of equal length")
-        elif min(self.depths) < 1 or min(self.num_heads) < 1:
-            bad = "depths and num_heads must be >= 1"
-        elif any((self.embed_dim << i) % h for i, h in enumerate(self.num_heads)):
-            widths = [self.embed_dim << i for i in range(len(self.depths))]
-            bad = f"stage widths {widths} must divide by num_heads {self.num_heads}"
-        elif len(self.window_size) != 3 or min(self.window_size) < 1:
-            bad = f"window_size must be 3 positive ints, got {self.window_size}"
-        elif self.patch_size < 1 or self.mlp_ratio <= 0 or not 0 <= self.drop_path_rate < 1:
-            bad = "patch_size >= 1, mlp_ratio > 0 and 0 <= drop_path_rate < 1 are required"
-        if bad:
-            raise InputError(f"transmorph config: {bad}")
+    NAME = "transmorph"
 
-    @classmethod
-    def from_overrides(cls, **overrides) -> "TransMorphConfig":
-        """Build a config from keyword overrides.
-
-        Raises:
-            InputError: unknown keys (the message lists the known ones) or bad values.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InputError(f"transmorph: unknown option(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**overrides)
+    def problems(self) -> Iterator[str]:
+        yield from at_least(self, 1, "in_channels", "feature_channels", "head_channels")
+        yield from token_stage_problems(self)
 
 
 class TransMorph(nn.Module):

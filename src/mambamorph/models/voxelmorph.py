@@ -34,13 +34,14 @@ from the input shape, so one model runs at any size whose dims are multiples of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mambamorph.errors import InputError
-from mambamorph.models.registry import RegistrationOutput, register_model
+from mambamorph.models.config import ModelConfig, at_least
+from mambamorph.models.registry import ReadoutMixin, RegistrationOutput, register_model
 from mambamorph.nn.blocks import ConvUNet, FlowHead, check_pair, maybe_checkpoint
 from mambamorph.nn.features import FeatureExtractor, ReadoutHead
 from mambamorph.nn.spatial import integrate_velocity, resize_flow
@@ -55,7 +56,7 @@ VOXELMORPH_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
 
 
 @dataclass
-class VoxelMorphConfig:
+class VoxelMorphConfig(ModelConfig):
     """Hyper-parameters of :class:`VoxelMorph`; ``build_model(name, **asdict(cfg))`` rebuilds it.
 
     Attributes:
@@ -72,8 +73,13 @@ class VoxelMorphConfig:
             ``voxelmorph``: 85,267 parameters). Off in the reference.
         checkpoint: gradient checkpointing in training of the feature extractor, the
             full-resolution convs and the integration (same results, less memory).
+    ``config="code"|"paper"`` in :meth:`~mambamorph.models.config.ModelConfig.from_overrides`
+    picks one of :data:`VOXELMORPH_PRESETS` (not together with ``enc_features`` or
+    ``dec_features``).
+
     Raises:
-        InputError: inconsistent or out-of-range values (checked at construction).
+        InputError: values of the wrong type, inconsistent or out of range (checked at
+            construction; see :class:`~mambamorph.models.config.ModelConfig`).
     """
 
     in_channels: int = 1
@@ -87,49 +93,19 @@ class VoxelMorphConfig:
     unet_half_res: bool = False
     checkpoint: bool = False
 
-    def __post_init__(self) -> None:
-        # JSON round trips turn tuples into lists
-        self.enc_features = tuple(int(c) for c in self.enc_features)
-        self.dec_features = tuple(int(c) for c in self.dec_features)
-        if self.in_channels < 1 or self.feature_channels < 1:
-            raise InputError(f"voxelmorph: channel counts must be >= 1, got in_channels="
-                             f"{self.in_channels}, feature_channels={self.feature_channels}")
+    NAME = "voxelmorph"
+    PRESETS = VOXELMORPH_PRESETS
+
+    def problems(self) -> Iterator[str]:
+        yield from at_least(self, 1, "in_channels", "feature_channels", "int_downsize")
+        yield from at_least(self, 0, "integration_steps")
         if self.readout_head and not self.use_features:
-            raise InputError("voxelmorph: readout_head=True needs use_features=True")
-        if self.integration_steps < 0 or self.int_downsize < 1:
-            raise InputError(f"voxelmorph: expected integration_steps >= 0 and int_downsize >= 1, "
-                             f"got {self.integration_steps} and {self.int_downsize}")
+            yield "readout_head=True needs use_features=True"
         if self.unet_half_res and (self.int_downsize != 2 or self.integration_steps == 0):
-            raise InputError("voxelmorph: unet_half_res=True needs int_downsize=2 and "
-                             "integration_steps > 0")
-
-    @classmethod
-    def from_overrides(cls, **overrides) -> "VoxelMorphConfig":
-        """Build a config from keyword overrides; ``config="code"|"paper"`` picks a U-Net preset.
-
-        Raises:
-            InputError: unknown keys, an unknown preset, or a preset given together with
-                explicit ``enc_features`` / ``dec_features``.
-        """
-        preset = overrides.pop("config", None)
-        if preset is not None:
-            if preset not in VOXELMORPH_PRESETS:
-                raise InputError(f"voxelmorph: unknown config {preset!r}; known: "
-                                 f"{', '.join(VOXELMORPH_PRESETS)}")
-            clash = {"enc_features", "dec_features"} & set(overrides)
-            if clash:
-                raise InputError(f"voxelmorph: give either config={preset!r} or "
-                                 f"{', '.join(sorted(clash))}, not both")
-            overrides = {**VOXELMORPH_PRESETS[preset], **overrides}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InputError(f"voxelmorph: unknown option(s) {', '.join(unknown)}; known: "
-                             f"config, {', '.join(sorted(known))}")
-        return cls(**overrides)
+            yield "unet_half_res=True needs int_downsize=2 and integration_steps > 0"
 
 
-class VoxelMorph(nn.Module):
+class VoxelMorph(ReadoutMixin, nn.Module):
     """VoxelMorph: U-Net -> velocity -> (half-resolution) scaling and squaring -> displacement.
 
     ``forward(moving, fixed)`` with ``(B, in_channels, D0, D1, D2)`` images, each ``D_i`` a multiple
@@ -187,18 +163,6 @@ class VoxelMorph(nn.Module):
                                 cfg.integration_steps)
         flow = resize_flow(disp, full)
         return RegistrationOutput(flow=flow, velocity=velocity)
-
-    def readout(self, features: torch.Tensor) -> torch.Tensor:
-        """Apply the reference's read-out head to extractor features (parameter parity only).
-
-        ``(B, feature_channels, D0, D1, D2) -> (B, 3, D0/2, D1/2, D2/2)``.
-
-        Raises:
-            InputError: the model was built without ``readout_head=True``.
-        """
-        if self.readout_head is None:
-            raise InputError("voxelmorph: built without readout_head=True")
-        return self.readout_head(features)
 
 
 @register_model("voxelmorph")

@@ -40,20 +40,23 @@ parameters (3.6 % below 8.40M); it is the default. The authors' code defaults (d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambamorph.errors import InputError
+from mambamorph.models.config import ModelConfig, at_least, token_stage_problems
 from mambamorph.models.registry import RegistrationOutput, register_model
+from mambamorph.nn.blocks import FlowHead, PatchMerging, check_pair
+from mambamorph.nn.swin import DropPath
 
 Triple = tuple[int, int, int]
 
 
 @dataclass
-class XMorpherConfig:
+class XMorpherConfig(ModelConfig):
     """Hyper-parameters of :class:`XMorpher`.
 
     ``build_model("xmorpher", **asdict(cfg))`` rebuilds the model.
@@ -72,7 +75,8 @@ class XMorpherConfig:
             (the authors' code default is 0.2; 0 keeps training deterministic).
 
     Raises:
-        InputError: inconsistent or out-of-range values (checked at construction).
+        InputError: values of the wrong type, inconsistent or out of range (checked at
+            construction; see :class:`~mambamorph.models.config.ModelConfig`).
     """
 
     in_channels: int = 1
@@ -86,38 +90,13 @@ class XMorpherConfig:
     patch_size: int = 4
     drop_path_rate: float = 0.0
 
-    def __post_init__(self) -> None:
-        # JSON round trips turn tuples into lists.
-        self.depths = tuple(int(d) for d in self.depths)
-        self.num_heads = tuple(int(h) for h in self.num_heads)
-        self.window_size = tuple(int(w) for w in self.window_size)
-        bad = None
-        if self.in_channels < 1 or self.embed_dim < 2 or self.embed_dim % 2:
-            bad = "in_channels must be >= 1 and embed_dim even and >= 2"
-        elif not self.depths or len(self.depths) != len(self.num_heads):
-            bad = (f"depths {self.depths} and num_heads {self.num_heads} must be non-empty "
-                   "and of equal length")
-        elif min(self.depths) < 1 or min(self.num_heads) < 1:
-            bad = "depths and num_heads must be >= 1"
-        elif any((self.embed_dim << i) % h for i, h in enumerate(self.num_heads)):
-            widths = [self.embed_dim << i for i in range(len(self.depths))]
-            bad = f"level widths {widths} must divide by num_heads {self.num_heads}"
-        elif len(self.window_size) != 3 or min(self.window_size) < 1:
-            bad = f"window_size must be 3 positive ints, got {self.window_size}"
-        elif self.search_factor < 1 or self.search_factor % 2 == 0:
-            bad = f"search_factor must be odd and >= 1, got {self.search_factor}"
-        elif self.patch_size < 1 or self.mlp_ratio <= 0 or not 0 <= self.drop_path_rate < 1:
-            bad = "patch_size >= 1, mlp_ratio > 0 and 0 <= drop_path_rate < 1 are required"
-        if bad:
-            raise InputError(f"xmorpher config: {bad}")
+    NAME = "xmorpher"
 
-
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``p``."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    def problems(self) -> Iterator[str]:
+        yield from at_least(self, 1, "in_channels")
+        yield from token_stage_problems(self)
+        if self.search_factor < 1 or self.search_factor % 2 == 0:
+            yield f"search_factor must be odd and >= 1, got {self.search_factor}"
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +212,7 @@ class CATBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.drop_path = drop_path
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(2B, G0, G1, G2, C)`` -> same shape (see the class docstring)."""
@@ -241,25 +220,8 @@ class CATBlock(nn.Module):
             raise ValueError(f"expected an even batch (moving then fixed), got {x.shape[0]}")
         y = self.norm1(x)
         other = torch.roll(y, shifts=x.shape[0] // 2, dims=0)  # [moving, fixed] -> [fixed, moving]
-        x = x + _drop_path(self.attn(y, other), self.drop_path, self.training)
-        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-
-
-class PatchMerging(nn.Module):
-    """Halve the grid, double the width: ``Conv3d(C -> 2C, k=2, s=2)`` + LayerNorm.
-
-    ``(N, G0, G1, G2, C)`` -> ``(N, ceil(G0/2), ceil(G1/2), ceil(G2/2), 2C)``; odd axes are
-    zero-padded first.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.reduce = nn.Conv3d(dim, 2 * dim, kernel_size=2, stride=2)
-        self.norm = nn.LayerNorm(2 * dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pad_grid(x, (0, 0, 0), tuple(g % 2 for g in x.shape[1:4]))
-        return self.norm(_channels_last(self.reduce(_channels_first(x))))
+        x = x + self.drop_path(self.attn(y, other))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchExpanding(nn.Module):
@@ -301,7 +263,8 @@ class XMorpher(nn.Module):
 
         self.patch_embed = nn.Conv3d(cfg.in_channels, e, kernel_size=p, stride=p)
         self.encoder = nn.ModuleList(stage(i) for i in range(n))
-        self.merge = nn.ModuleList(PatchMerging(dims[i]) for i in range(n - 1))
+        self.merge = nn.ModuleList(PatchMerging(dims[i], norm="after", pad_odd=True)
+                                   for i in range(n - 1))
         self.bottleneck_norm = nn.LayerNorm(dims[-1])
         # expand[i] goes from level i+1 to level i; fuse[i] maps [expanded, skip] back to dims[i].
         self.expand = nn.ModuleList(PatchExpanding(dims[i + 1]) for i in range(n - 1))
@@ -309,33 +272,26 @@ class XMorpher(nn.Module):
         self.decoder = nn.ModuleList(stage(i) for i in range(n))
         self.out_norm = nn.LayerNorm(2 * e)
         self.unpatch = nn.ConvTranspose3d(2 * e, e // 2, kernel_size=p, stride=p)
-        self.flow_head = nn.Conv3d(e // 2, 3, kernel_size=3, padding=1)
-        nn.init.normal_(self.flow_head.weight, 0.0, 1e-5)
-        nn.init.zeros_(self.flow_head.bias)
+        self.flow_head = FlowHead(e // 2, 3)
 
-    def _check(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
-        cfg = self.config
-        if moving.dim() != 5 or moving.shape != fixed.shape:
-            raise InputError(f"xmorpher: expected moving and fixed of one shape "
-                             f"(B, C, D0, D1, D2), "
-                             f"got {tuple(moving.shape)} and {tuple(fixed.shape)}")
-        if moving.shape[1] != cfg.in_channels:
-            raise InputError(f"xmorpher: expected {cfg.in_channels} input channel(s), "
-                             f"got {moving.shape[1]}")
-        if any(s % cfg.patch_size for s in moving.shape[2:]):
-            raise InputError(f"xmorpher: spatial dims {tuple(moving.shape[2:])} must divide by "
-                             f"the patch size {cfg.patch_size}")
+    @property
+    def size_multiple(self) -> int:
+        """Input dims must be multiples of this (``patch_size``; odd token grids are padded)."""
+        return self.config.patch_size
 
     def _encode(self, moving: torch.Tensor, fixed: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs per level, ``(2B, G0, G1, G2, C_i)`` (moving first), before merging."""
-        self._check(moving, fixed)
+        check_pair(moving, fixed, self.config.in_channels, self.size_multiple, "xmorpher")
         x = _channels_last(self.patch_embed(torch.cat([moving, fixed])))
         skips = []
         for i, stage in enumerate(self.encoder):
             x = stage(x)
             skips.append(x)
             if i < len(self.merge):
-                x = self.merge[i](x)
+                n, c = x.shape[0], x.shape[-1]
+                # (2B, G0, G1, G2, C) -> tokens (2B, L, C) -> merged (2B, L', 2C) -> grid
+                tokens, grid = self.merge[i](x.reshape(n, -1, c), x.shape[1:4])
+                x = tokens.view(n, *grid, 2 * c)
         return skips
 
     def encode(self, moving: torch.Tensor,
@@ -380,4 +336,4 @@ class XMorpher(nn.Module):
 @register_model("xmorpher")
 def xmorpher(**overrides) -> XMorpher:
     """XMorpher baseline; ``overrides`` are :class:`XMorpherConfig` fields."""
-    return XMorpher(XMorpherConfig(**overrides))
+    return XMorpher(XMorpherConfig.from_overrides(**overrides))

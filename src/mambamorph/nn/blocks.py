@@ -257,42 +257,74 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Swin patch merging: 2x2x2 neighbouring tokens -> one token of twice the width.
+    """Patch merging: every 2x2x2 block of tokens -> one token of ``out_dim`` channels.
 
-    The 8 sub-grids are concatenated in the order of offsets (0,0,0), (1,0,0), (0,1,0),
-    (0,0,1), (1,1,0), (0,1,1), (1,0,1), (1,1,1) into ``8C`` channels, then
-    ``LayerNorm(8C) -> Linear(8C -> out_dim, no bias)``.
+    Both layouts are a linear map of the block's ``8C`` values and a LayerNorm; they differ in
+    where the norm sits:
+
+    - ``norm="before"`` (Swin; MambaMorph and TransMorph): the 8 sub-grids are concatenated in
+      the order of offsets (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,1,0), (0,1,1), (1,0,1), (1,1,1)
+      into ``8C`` channels, then ``LayerNorm(8C) -> Linear(8C -> out_dim, no bias)``;
+      ``16 C + 8 C out_dim`` parameters.
+    - ``norm="after"`` (XMorpher): ``Linear(8C -> out_dim, with bias)`` of each block, computed as
+      ``Conv3d(C -> out_dim, k=2, s=2)``, then ``LayerNorm(out_dim)``;
+      ``8 C out_dim + 3 out_dim`` parameters.
 
     Args:
         dim: input token width ``C``.
         out_dim: output width (default ``2C``).
+        norm: ``"before"`` or ``"after"`` (see above).
+        pad_odd: zero-pad an odd grid axis at its high end to even first (the merged grid is
+            then ``ceil(G_i / 2)``); otherwise an odd grid is an error.
+    Raises:
+        InputError: an unknown ``norm``.
     """
 
     _OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1),
                 (1, 1, 1))
 
-    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+    def __init__(self, dim: int, out_dim: int | None = None, norm: str = "before",
+                 pad_odd: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(8 * dim)
-        self.reduction = nn.Linear(8 * dim, out_dim or 2 * dim, bias=False)
+        out_dim = out_dim or 2 * dim
+        if norm == "before":
+            self.norm = nn.LayerNorm(8 * dim)
+            self.reduction = nn.Linear(8 * dim, out_dim, bias=False)
+        elif norm == "after":
+            self.reduction = nn.Conv3d(dim, out_dim, kernel_size=2, stride=2)
+            self.norm = nn.LayerNorm(out_dim)
+        else:
+            raise InputError(f"PatchMerging: norm must be 'before' or 'after', got {norm!r}")
+        self.norm_first = norm == "before"
+        self.pad_odd = bool(pad_odd)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, Grid]:
-        """Tokens ``(B, G0*G1*G2, C)`` -> ``(B, G0*G1*G2 / 8, out_dim)`` and the halved grid.
+        """Tokens ``(B, G0*G1*G2, C)`` in raster order of ``grid`` -> tokens
+        ``(B, g0*g1*g2, out_dim)`` and the merged grid ``g_i = G_i / 2`` (``ceil`` with
+        ``pad_odd``).
 
         Raises:
-            InputError: the token count does not match ``grid`` or a grid size is odd.
+            InputError: the token count does not match ``grid``, or a grid size is odd without
+                ``pad_odd``.
         """
         grid = tuple(int(g) for g in grid)
         b, n, c = x.shape
         if n != math.prod(grid):
             raise InputError(f"PatchMerging: {n} tokens do not fill the grid {grid}")
-        if any(g % 2 for g in grid):
+        odd = tuple(g % 2 for g in grid)
+        if any(odd) and not self.pad_odd:
             raise InputError(f"PatchMerging: expected an even token grid, got {grid}")
         v = x.reshape(b, *grid, c)  # (B, L, C) -> (B, G0, G1, G2, C)
-        v = torch.cat([v[:, i::2, j::2, k::2, :] for i, j, k in self._OFFSETS], dim=-1)
-        new_grid = (grid[0] // 2, grid[1] // 2, grid[2] // 2)
-        v = v.reshape(b, -1, 8 * c)  # (B, G0/2, G1/2, G2/2, 8C) -> (B, L/8, 8C)
-        return self.reduction(self.norm(v)), new_grid
+        if any(odd):
+            v = F.pad(v, (0, 0, 0, odd[2], 0, odd[1], 0, odd[0]))  # zeros at the high ends
+        new_grid = tuple((g + o) // 2 for g, o in zip(grid, odd))
+        if self.norm_first:
+            v = torch.cat([v[:, i::2, j::2, k::2, :] for i, j, k in self._OFFSETS], dim=-1)
+            v = v.reshape(b, -1, 8 * c)  # (B, g0, g1, g2, 8C) -> (B, L', 8C)
+            return self.reduction(self.norm(v)), new_grid
+        v = self.reduction(v.permute(0, 4, 1, 2, 3))  # (B, C, G0, G1, G2) -> (B, out, g0, g1, g2)
+        v = self.norm(v.permute(0, 2, 3, 4, 1))  # -> (B, g0, g1, g2, out)
+        return v.reshape(b, -1, v.shape[-1]), new_grid  # -> (B, L', out)
 
 
 # ---------------------------------------------------------------------------------------------

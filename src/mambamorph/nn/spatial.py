@@ -35,6 +35,7 @@ __all__ = [
     "compose",
     "SpatialTransformer",
     "VecInt",
+    "no_autocast",
 ]
 
 _MODES = ("bilinear", "nearest")
@@ -117,8 +118,12 @@ def voxel_to_grid(points: torch.Tensor) -> torch.Tensor:
     return norm.permute(0, 2, 3, 4, 1).flip(-1)
 
 
-def _no_autocast(device: torch.device):
-    """A context that disables autocast on ``device`` (a no-op where autocast does not apply)."""
+def no_autocast(device: torch.device):
+    """A context that disables autocast on ``device`` (a no-op where autocast does not apply).
+
+    Used around sums and grids over whole volumes, which float16 / bfloat16 would overflow or
+    round away. Shared by this module and the losses.
+    """
     if device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
@@ -177,7 +182,7 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
                          f"one-hot float encoding to interpolate labels")
     wdt = _work_dtype(flow) if integer_image else _work_dtype(image, flow)
     batch = max(nb_img, nb_flow)
-    with _no_autocast(flow.device):
+    with no_autocast(flow.device):
         grid0 = identity_grid(flow.shape[2:], device=flow.device, dtype=wdt)
         points = grid0.unsqueeze(0) + flow.to(wdt)  # (B, 3, D0, D1, D2), voxels
         grid = voxel_to_grid(points).expand(batch, -1, -1, -1, -1)
