@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mambamorph.errors import InputError
@@ -109,6 +110,68 @@ def test_patch_merging_gathers_the_eight_offsets_in_order():
     assert n_params(PatchMerging(96)) == 8 * 96 * 2 + 8 * 96 * 192
     with pytest.raises(InputError):
         merge(torch.randn(1, 3 * 2 * 2, c), (3, 2, 2))
+
+
+def _merge_reference(x, grid, weight, bias, norm):
+    """Patch merging with the norm after, written out block by block: the 2x2x2 block's values
+    (zeros beyond an odd grid) times ``weight (out, C, 2, 2, 2)`` plus ``bias``, then the
+    LayerNorm ``norm``; tokens ``(B, L, C)`` -> ``(B, L', out)`` in raster order."""
+    b, _, c = x.shape
+    v = x.view(b, *grid, c)
+    new_grid = tuple((g + 1) // 2 for g in grid)
+    out = []
+    for i in range(new_grid[0]):
+        for j in range(new_grid[1]):
+            for k in range(new_grid[2]):
+                block = torch.zeros(b, 2, 2, 2, c, dtype=x.dtype)
+                part = v[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2, 2 * k:2 * k + 2]
+                block[:, :part.shape[1], :part.shape[2], :part.shape[3]] = part
+                out.append(torch.einsum("bpqrc,ocpqr->bo", block, weight) + bias)
+    y = torch.stack(out, dim=1)  # (B, L', out)
+    return F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps), new_grid
+
+
+@pytest.mark.parametrize("grid", [(4, 2, 6), (3, 5, 2), (1, 1, 1)])
+def test_patch_merging_norm_after_matches_the_block_formula(grid):
+    """XMorpher's layout: a linear map of each 2x2x2 block (as a strided conv), then the norm;
+    odd grids are zero-padded with ``pad_odd``. Forward and gradients against the reference."""
+    torch.manual_seed(0)
+    c = 4
+    merge = PatchMerging(c, norm="after", pad_odd=True).double()
+    with torch.no_grad():
+        merge.norm.weight.uniform_(0.5, 1.5)
+        merge.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, math.prod(grid), c, dtype=torch.float64, requires_grad=True)
+    out, new_grid = merge(x, grid)
+    ref, ref_grid = _merge_reference(x, grid, merge.reduction.weight, merge.reduction.bias,
+                                     merge.norm)
+    assert new_grid == ref_grid and out.shape == (2, math.prod(new_grid), 2 * c)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    g = torch.autograd.grad((out * w).sum(), [x, *merge.parameters()])
+    g_ref = torch.autograd.grad((ref * w).sum(), [x, *merge.parameters()])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_patch_merging_options():
+    # parameters: 8 C out + 3 out (conv weight and bias, norm after) vs 16 C + 8 C out (Swin)
+    assert n_params(PatchMerging(48, norm="after")) == 8 * 48 * 96 + 3 * 96
+    assert n_params(PatchMerging(48)) == 16 * 48 + 8 * 48 * 96
+    assert n_params(PatchMerging(48, 64, norm="after")) == 8 * 48 * 64 + 3 * 64
+    # pad_odd in the Swin layout: the same as merging the grid padded with zero tokens
+    torch.manual_seed(1)
+    merge = PatchMerging(3, pad_odd=True)
+    x = torch.randn(1, 3 * 2 * 5, 3)
+    padded = F.pad(x.view(1, 3, 2, 5, 3), (0, 0, 0, 1, 0, 0, 0, 1)).reshape(1, -1, 3)
+    out, grid = merge(x, (3, 2, 5))
+    ref, ref_grid = merge(padded, (4, 2, 6))
+    assert grid == ref_grid == (2, 1, 3)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(InputError, match="norm"):
+        PatchMerging(3, norm="middle")
+    with pytest.raises(InputError, match="even token grid"):
+        PatchMerging(3, norm="after")(torch.randn(1, 3 * 2 * 2, 3), (3, 2, 2))
 
 
 def test_patch_embed_shapes_and_position_code():

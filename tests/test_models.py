@@ -1,20 +1,26 @@
 """MambaMorph and VoxelMorph models: exact parameter counts (SPEC.md §1-3), shapes at cubic and
 non-cubic sizes, near-identity start, gradients to every parameter, a few optimisation steps
-that lower the Dice loss, weights-only state dicts and rebuilding from the config."""
+that lower the Dice loss, weights-only state dicts and rebuilding from the config. For every
+registered model: option errors (the config base) and, for the shipped weights, loading and a
+forward pass."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+import mambamorph
 from mambamorph.errors import InputError
 from mambamorph.losses import soft_dice_loss
-from mambamorph.models import build_model, count_parameters
+from mambamorph.models import build_model, count_parameters, list_models
 from mambamorph.models.mambamorph import MambaMorph, MambaMorphConfig
-from mambamorph.models.voxelmorph import VoxelMorph
+from mambamorph.models.transmorph import TransMorphConfig
+from mambamorph.models.voxelmorph import VoxelMorph, VoxelMorphConfig
+from mambamorph.models.xmorpher import XMorpherConfig
 from mambamorph.nn.spatial import warp
 
 NAMES = ["mambamorph", "mambamorph-reg", "voxelmorph", "voxelmorph-feat"]
@@ -249,3 +255,89 @@ def test_predict_channels_last_matches_plain_forward(name):
     out = predict(model, mov, fix).flow
     assert out.shape == ref.shape
     assert torch.allclose(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+# ------------------------------------------------------------------ every registered model
+@pytest.mark.parametrize("name", list_models())
+def test_unknown_option_is_an_input_error_naming_it_and_the_valid_ones(name):
+    with pytest.raises(InputError) as err:
+        build_model(name, not_an_option=1, in_channels=1)
+    msg = str(err.value)
+    assert "not_an_option" in msg
+    valid = msg.split("valid options:")[1]
+    assert "in_channels" in valid and "not_an_option" not in valid
+
+
+@pytest.mark.parametrize("value", ["one", 0, -1, 1.5, True, None, [1]])
+@pytest.mark.parametrize("name", list_models())
+def test_bad_value_is_an_input_error_naming_the_option(name, value):
+    with pytest.raises(InputError, match=r"config: in_channels"):
+        build_model(name, in_channels=value)
+
+
+@pytest.mark.parametrize("cls,overrides,expected", [
+    # YAML reads 1e-1 as a string: the float it spells; an int where a float is expected
+    (TransMorphConfig, {"drop_path_rate": "1e-1", "mlp_ratio": 2}, {"drop_path_rate": 0.1,
+                                                                   "mlp_ratio": 2.0}),
+    # JSON / YAML lists become tuples
+    (XMorpherConfig, {"window_size": [2, 3, 2], "depths": [1, 1]},
+     {"window_size": (2, 3, 2), "depths": (1, 1)}),
+    (MambaMorphConfig, {"scan_impl": None}, {"scan_impl": None}),
+    (VoxelMorphConfig, {"config": "paper"}, {"enc_features": (16, 32, 32, 32)}),
+])
+def test_values_are_converted_to_their_option_type(cls, overrides, expected):
+    if "depths" in overrides:
+        overrides = {**overrides, "num_heads": [3, 6]}
+    cfg = cls.from_overrides(**overrides)
+    for key, value in expected.items():
+        got = getattr(cfg, key)
+        assert got == value and type(got) is type(value), (key, got)
+
+
+@pytest.mark.parametrize("cls,overrides,match", [
+    (TransMorphConfig, {"drop_path_rate": "lots"}, "drop_path_rate: expected a number"),
+    (XMorpherConfig, {"window_size": [2, 2]}, "window_size: expected a list of 3 integers"),
+    (XMorpherConfig, {"window_size": [2, 2, "x"]}, "window_size: expected a list of 3 integers"),
+    (VoxelMorphConfig, {"enc_features": 16}, "enc_features: expected a list of integers"),
+    (MambaMorphConfig, {"scan_impl": 3}, "scan_impl: expected a string or null"),
+    (MambaMorphConfig, {"residual": "yes"}, "residual: expected a boolean"),
+    # range problems are reported together
+    (XMorpherConfig, {"search_factor": 2, "embed_dim": 47},
+     "embed_dim must be even.*search_factor must be odd"),
+    (TransMorphConfig, {"num_heads": (4, 5, 8)}, r"level widths \[96, 192, 384\] must divide"),
+])
+def test_bad_values_name_the_option_and_the_problem(cls, overrides, match):
+    with pytest.raises(InputError, match=match):
+        cls.from_overrides(**overrides)
+
+
+def test_presets_are_an_option_only_where_there_are_presets():
+    assert "config" in VoxelMorphConfig.option_names()
+    assert "config" not in MambaMorphConfig.option_names()
+    with pytest.raises(InputError, match="unknown option"):
+        MambaMorphConfig.from_overrides(config="paper")
+
+
+WEIGHTS = sorted((Path(mambamorph.__file__).parent / "weights").glob("*.safetensors"))
+
+
+def test_the_package_ships_weights():
+    assert len(WEIGHTS) >= 2, WEIGHTS
+
+
+@pytest.mark.parametrize("path", WEIGHTS, ids=[p.stem for p in WEIGHTS])
+def test_shipped_weights_load_with_their_keys_and_run(path):
+    """Each shipped checkpoint rebuilds its model with exactly the file's state-dict keys, holds
+    the file's values, and runs a forward pass at 32^3."""
+    from safetensors.torch import load_file
+
+    from mambamorph.checkpoint import load_model
+
+    model, info = load_model(path)
+    state = load_file(str(path))
+    assert sorted(model.state_dict()) == sorted(state)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key].to(value.dtype), rtol=0, atol=0)
+    with torch.no_grad():
+        out = model(*pair((32, 32, 32), seed=6))
+    assert out.flow.shape == (1, 3, 32, 32, 32) and torch.isfinite(out.flow).all()

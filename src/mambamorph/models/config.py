@@ -146,7 +146,7 @@ def _coerce(model: str, name: str, value: Any, tp: Any) -> Any:
     try:
         return _as_type(value, tp)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{model} config: {name} expected {e}, got {value!r}") from None
+        raise InputError(f"{model} config: {name}: expected {e}, got {value!r}") from None
 
 
 def _as_type(value: Any, tp: Any) -> Any:
@@ -164,11 +164,13 @@ def _as_type(value: Any, tp: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise TypeError(_describe(tp))
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_as_type(v, args[0]) for v in value)
-        if len(value) != len(args):
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(value) != len(items):
             raise TypeError(_describe(tp))
-        return tuple(_as_type(v, a) for v, a in zip(value, args))
+        try:
+            return tuple(_as_type(v, a) for v, a in zip(value, items))
+        except TypeError:
+            raise TypeError(_describe(tp)) from None
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -32,21 +32,9 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from mambamorph.errors import InputError
 
 __all__ = [
-    "Grid",
-    "ConvINAct",
-    "ConvAct",
-    "ConvSkipBranch",
-    "sinusoidal_position_code",
-    "tokens_to_volume",
-    "volume_to_tokens",
-    "PatchEmbed",
-    "PatchMerging",
-    "DecoderBlock",
-    "FlowHead",
-    "RegistrationUNet",
-    "ConvUNet",
-    "check_pair",
-    "maybe_checkpoint",
+    "Grid", "ConvINAct", "ConvAct", "ConvSkipBranch", "sinusoidal_position_code",
+    "tokens_to_volume", "volume_to_tokens", "PatchEmbed", "PatchMerging", "DecoderBlock",
+    "FlowHead", "RegistrationUNet", "ConvUNet", "check_pair", "maybe_checkpoint",
 ]
 
 Grid = tuple[int, int, int]
@@ -259,23 +247,18 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """Patch merging: every 2x2x2 block of tokens -> one token of ``out_dim`` channels.
 
-    Both layouts are a linear map of the block's ``8C`` values and a LayerNorm; they differ in
-    where the norm sits:
-
-    - ``norm="before"`` (Swin; MambaMorph and TransMorph): the 8 sub-grids are concatenated in
-      the order of offsets (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,1,0), (0,1,1), (1,0,1), (1,1,1)
-      into ``8C`` channels, then ``LayerNorm(8C) -> Linear(8C -> out_dim, no bias)``;
-      ``16 C + 8 C out_dim`` parameters.
-    - ``norm="after"`` (XMorpher): ``Linear(8C -> out_dim, with bias)`` of each block, computed as
-      ``Conv3d(C -> out_dim, k=2, s=2)``, then ``LayerNorm(out_dim)``;
-      ``8 C out_dim + 3 out_dim`` parameters.
+    ``norm="before"`` (Swin; MambaMorph, TransMorph): the 8 sub-grids are concatenated in the
+    order of offsets (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,1,0), (0,1,1), (1,0,1), (1,1,1) into
+    ``8C`` channels, then ``LayerNorm(8C) -> Linear(8C -> out_dim, no bias)`` (``16 C + 8 C out``
+    parameters). ``norm="after"`` (XMorpher): ``Linear(8C -> out_dim, bias)`` of each block,
+    computed as ``Conv3d(C -> out_dim, k=2, s=2)``, then ``LayerNorm(out_dim)`` (``8 C out +
+    3 out`` parameters).
 
     Args:
-        dim: input token width ``C``.
-        out_dim: output width (default ``2C``).
-        norm: ``"before"`` or ``"after"`` (see above).
-        pad_odd: zero-pad an odd grid axis at its high end to even first (the merged grid is
-            then ``ceil(G_i / 2)``); otherwise an odd grid is an error.
+        dim: input token width ``C``; out_dim: output width (default ``2C``).
+        norm: ``"before"`` or ``"after"``.
+        pad_odd: zero-pad odd grid axes at the high end first (merged grid ``ceil(G_i / 2)``);
+            otherwise an odd grid is an error.
     Raises:
         InputError: an unknown ``norm``.
     """
@@ -299,9 +282,7 @@ class PatchMerging(nn.Module):
         self.pad_odd = bool(pad_odd)
 
     def forward(self, x: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, Grid]:
-        """Tokens ``(B, G0*G1*G2, C)`` in raster order of ``grid`` -> tokens
-        ``(B, g0*g1*g2, out_dim)`` and the merged grid ``g_i = G_i / 2`` (``ceil`` with
-        ``pad_odd``).
+        """Tokens ``(B, G0*G1*G2, C)`` of ``grid`` -> ``(B, g0*g1*g2, out_dim)``, merged grid.
 
         Raises:
             InputError: the token count does not match ``grid``, or a grid size is odd without
