@@ -118,6 +118,17 @@ def test_registered_and_config_round_trips_through_json():
     rebuilt.load_state_dict(model.state_dict())
 
 
+def test_checkpoints_from_before_the_shared_patch_merging_still_load():
+    """The merge convs were once named ``merge.i.reduce``; such state dicts load unchanged."""
+    model = build_model("xmorpher", embed_dim=16, num_heads=(1, 2, 4, 8))
+    old = {k.replace(".reduction.", ".reduce."): v.clone() + 1.0
+           for k, v in model.state_dict().items()}
+    assert sum(".reduce." in k for k in old) == 6
+    model.load_state_dict(old)  # strict
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, old[k.replace(".reduction.", ".reduce.")])
+
+
 def test_state_dict_holds_weights_only():
     model = build_model("xmorpher")
     assert list(model.buffers()) == []

@@ -281,6 +281,12 @@ class PatchMerging(nn.Module):
         self.norm_first = norm == "before"
         self.pad_odd = bool(pad_odd)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # XMorpher checkpoints written before it used this class name the conv ``reduce``
+        for key in [k for k in state_dict if k.startswith(prefix + "reduce.")]:
+            state_dict[prefix + "reduction." + key[len(prefix + "reduce."):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, grid: Sequence[int]) -> tuple[torch.Tensor, Grid]:
         """Tokens ``(B, G0*G1*G2, C)`` of ``grid`` -> ``(B, g0*g1*g2, out_dim)``, merged grid.
 
