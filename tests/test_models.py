@@ -316,6 +316,10 @@ def test_presets_are_an_option_only_where_there_are_presets():
     assert "config" not in MambaMorphConfig.option_names()
     with pytest.raises(InputError, match="unknown option"):
         MambaMorphConfig.from_overrides(config="paper")
+    assert VoxelMorphConfig.from_overrides(config=None) == VoxelMorphConfig()
+    for bad in ("nope", ["paper"]):
+        with pytest.raises(InputError, match="unknown config"):
+            VoxelMorphConfig.from_overrides(config=bad)
 
 
 WEIGHTS = sorted((Path(mambamorph.__file__).parent / "weights").glob("*.safetensors"))

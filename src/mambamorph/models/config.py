@@ -74,7 +74,8 @@ class ModelConfig:
         """Build a config from keyword overrides of the defaults.
 
         ``config=NAME`` (only where :attr:`PRESETS` is not empty) starts from that preset; it
-        cannot be combined with explicit values of the fields the preset sets.
+        cannot be combined with explicit values of the fields the preset sets. ``config=None``
+        is the same as leaving it out.
 
         Raises:
             InputError: an unknown option (named, with the valid ones listed), an unknown preset,
@@ -85,9 +86,9 @@ class ModelConfig:
             raise InputError(f"{cls.NAME}: unknown option(s) {', '.join(unknown)}; valid "
                              f"options: {', '.join(cls.option_names())}")
         overrides = dict(overrides)
-        if "config" in overrides:
-            preset = overrides.pop("config")
-            if preset not in cls.PRESETS:
+        preset = overrides.pop("config", None)  # None: no preset
+        if preset is not None:
+            if not isinstance(preset, str) or preset not in cls.PRESETS:
                 raise InputError(f"{cls.NAME}: unknown config {preset!r}; known: "
                                  f"{', '.join(cls.PRESETS)}")
             clash = sorted(set(cls.PRESETS[preset]) & set(overrides))

@@ -73,6 +73,7 @@ class VoxelMorphConfig(ModelConfig):
             ``voxelmorph``: 85,267 parameters). Off in the reference.
         checkpoint: gradient checkpointing in training of the feature extractor, the
             full-resolution convs and the integration (same results, less memory).
+
     ``config="code"|"paper"`` in :meth:`~mambamorph.models.config.ModelConfig.from_overrides`
     picks one of :data:`VOXELMORPH_PRESETS` (not together with ``enc_features`` or
     ``dec_features``).
