@@ -295,7 +295,8 @@ def test_values_are_converted_to_their_option_type(cls, overrides, expected):
 
 
 @pytest.mark.parametrize("cls,overrides,match", [
-    (TransMorphConfig, {"drop_path_rate": "lots"}, "drop_path_rate: expected a number"),
+    (TransMorphConfig, {"drop_path_rate": "lots"}, "drop_path_rate: expected a finite number"),
+    (XMorpherConfig, {"mlp_ratio": float("inf")}, "mlp_ratio: expected a finite number"),
     (XMorpherConfig, {"window_size": [2, 2]}, "window_size: expected a list of 3 integers"),
     (XMorpherConfig, {"window_size": [2, 2, "x"]}, "window_size: expected a list of 3 integers"),
     (VoxelMorphConfig, {"enc_features": 16}, "enc_features: expected a list of integers"),

@@ -10,8 +10,8 @@ them all the same rules:
 - Every value is checked against its field's annotation at construction (``int``, ``float``,
   ``bool``, ``str | None``, ``tuple[int, ...]``, ``tuple[int, int, int]``): JSON and YAML lists
   become tuples, an ``int`` is accepted where a ``float`` is expected, a string such as ``"1e-4"``
-  (what PyYAML reads for that literal) is accepted as the float it spells; anything else is an
-  :class:`InputError` naming the option.
+  (what PyYAML reads for that literal) is accepted as the float it spells; NaN, infinities and
+  anything else are an :class:`InputError` naming the option.
 - Then :meth:`ModelConfig.problems` (one per model) yields every inconsistent or out-of-range
   value; they are reported together as one :class:`InputError`. :func:`at_least` and
   :func:`token_stage_problems` (the checks the Swin-style models share) help write it.
@@ -179,15 +179,16 @@ def _as_type(value: Any, tp: Any) -> Any:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
     elif tp is float:
+        number = math.nan
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
-                number = math.nan
-            if math.isfinite(number):
-                return number
+                pass
+        if math.isfinite(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -202,5 +203,5 @@ def _describe(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
         return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+    return {bool: "a boolean", int: "an integer", float: "a finite number", str: "a string",
             type(None): "null"}.get(tp, repr(tp))
