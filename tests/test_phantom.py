@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import importlib.metadata
 import json
 import sys
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +19,7 @@ from scipy import ndimage as ndi
 from mambamorph import io
 from mambamorph.data import phantom as ph
 from mambamorph.labels import ALLOWED_IDS, ROI_IDS
-from mambamorph.errors import InputError, MambaMorphError, OutputExistsError
+from mambamorph.errors import InputError, MambaMorphError, OutputExistsError, WriteError
 from mambamorph.metrics import dice_per_roi
 
 GRID = (48, 64, 48)
@@ -346,9 +348,10 @@ def test_same_seed_same_bytes_and_subjects_do_not_depend_on_n(built, tmp_path):
 
 # Digests of the fixture's phantom (48x64x48 at 4 mm, seed 3, 5 subjects) as written by the
 # single-module phantom before it became a package (numpy 2.3.5, scipy 1.15.3, nibabel 5.4.2);
-# the package must write the same voxels. The MR and T2 go through numpy's float32 exp and power, whose SIMD paths
-# (AVX-512, AVX2, baseline) differ in the last bit and move a few voxels by one 12-bit level, so
-# for them the sum of levels is compared (measured spread over the three paths: 11).
+# the package must write the same voxels. The MR and T2 go through numpy's float32 exp and
+# power, whose SIMD paths (AVX-512, AVX2, baseline) differ in the last bit and move a few voxels
+# by one 12-bit level, so for them the sum of levels is compared (measured spread over the three
+# paths, before and after the split alike: 11 levels of 4e8).
 _BEFORE_SHA256 = {
     "seg": "cc369f048a80874cb5ff9fa739d24cd7c0b2a44de55556388d3890dd3967bb4b",
     "ct": "7b0b97cf4a151fe20c41186121def5ececa810e34046e17ef70572d0fa2370cf",
@@ -401,6 +404,17 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     with pytest.raises(InputError, match="not a folder"):
         ph.build_phantom(tmp_path / "file", n_subjects=5, preset=None, grid=GRID,
                          spacing=SPACING)
+
+
+def test_a_full_disk_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    out = tmp_path / "ds"
+    with pytest.raises(WriteError, match="ph000_mr.nii.gz: cannot write: No space left"):
+        ph.build_phantom(out, n_subjects=5, preset=None, grid=GRID, spacing=SPACING)
+    assert not [p for p in out.rglob("*") if p.is_file()]
 
 
 def test_bad_arguments(tmp_path):
