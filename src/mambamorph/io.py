@@ -31,7 +31,7 @@ from mambamorph import labels as _labels
 from mambamorph.errors import InputError, OutputExistsError, WriteError
 
 __all__ = ["Volume", "read_volume", "read_labels", "write_volume", "write_itk_displacement",
-           "atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
+           "write_nifti", "atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
 
 _RAS = nio.axcodes2ornt(("R", "A", "S"))
 _NIFTI_EXT = (".nii.gz", ".nii")
@@ -296,6 +296,7 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
 
 
 def _save(path: Path, img: nib.Nifti1Image, overwrite: bool) -> Path:
+    """The one NIfTI file writer: ``.nii.gz`` gzipped with mtime 0, atomic, see module doc."""
     if not str(path).endswith(_NIFTI_EXT):
         raise InputError(f"{path}: output name must end with .nii or .nii.gz")
     raw = img.to_bytes()
@@ -327,6 +328,43 @@ def _output_dtype(arr: np.ndarray) -> np.dtype:
     return arr.dtype
 
 
+def write_nifti(path: str | os.PathLike, data, affine: np.ndarray, header=None, dtype=None,
+                overwrite: bool = False) -> Path:
+    """Write an array as a NIfTI-1 file: atomic, and a ``.nii.gz`` holds the same bytes for the
+    same array (gzip mtime 0).
+
+    Args:
+        path: destination ``.nii`` / ``.nii.gz``.
+        data: ``(X, Y, Z, ...)`` numpy array or torch tensor in the voxel order ``affine``
+            describes (as stored in the file; no reorientation).
+        affine: ``(4, 4)`` voxel -> RAS world (mm) affine.
+        header: NIfTI header to start from (copied; data type set to the stored one, scaling
+            reset to slope 1, intercept 0). Default: a fresh header with units mm and
+            qform = sform = ``affine`` (code 1, scanner).
+        dtype: stored voxel type; default ``data``'s own.
+        overwrite: replace an existing file.
+    Returns:
+        The path written.
+    Raises:
+        InputError: the name does not end in ``.nii`` / ``.nii.gz``, or a folder.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+        WriteError: the operating system refused the write; names the file.
+    """
+    arr = _to_numpy(data)
+    if dtype is not None:
+        arr = arr.astype(np.dtype(dtype), copy=False)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(arr, affine, header=header)
+    if header is None:
+        img.header.set_xyzt_units("mm", "sec")
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    else:
+        img.header.set_data_dtype(arr.dtype)
+        img.header.set_slope_inter(1.0, 0.0)
+    return _save(Path(path), img, overwrite)
+
+
 def write_volume(path: str | os.PathLike, data, like: Volume, dtype=None,
                  overwrite: bool = False) -> Path:
     """Write a canonical-orientation array in the orientation and header geometry of ``like``.
@@ -349,10 +387,8 @@ def write_volume(path: str | os.PathLike, data, like: Volume, dtype=None,
                          f"grid {like.shape} (+ optional trailing axes)")
     out = np.ascontiguousarray(like.to_stored(arr))
     dt = np.dtype(dtype) if dtype is not None else _output_dtype(arr)
-    img = nib.Nifti1Image(out.astype(dt, copy=False), like.orig_affine, header=like.header)
-    img.header.set_data_dtype(dt)
-    img.header.set_slope_inter(1.0, 0.0)
-    return _save(Path(path), img, overwrite)
+    return write_nifti(path, out, like.orig_affine, header=like.header, dtype=dt,
+                       overwrite=overwrite)
 
 
 def write_itk_displacement(path: str | os.PathLike, disp_mm: np.ndarray, like: Volume,
