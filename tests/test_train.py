@@ -142,3 +142,18 @@ def test_cli_resume_extends_a_finished_run(tiny_phantom, tmp_path, capsys):
     steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
     assert max(steps) == 4
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tiny_phantom, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_phantom, epochs=1), run, progress=False)
+    (run / "notes.txt").write_text("mine")
+    stale = run / "checkpoints" / "last_state-00000099.safetensors"
+    stale.write_bytes(b"old")
+    (run / "checkpoints" / ".last.json.abc.tmp").write_bytes(b"half")
+    train(_cfg(tiny_phantom, epochs=1), run, overwrite=True, progress=False)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not stale.exists() and not list(run.rglob("*.tmp"))
+    assert len(list((run / "tb").iterdir())) == 1  # the earlier run's events are gone
+    rows = (run / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "2"]  # two steps, one validation

@@ -198,8 +198,9 @@ def save_train_state(path: str | os.PathLike, model: nn.Module, optimizer: torch
         "format": TRAIN_STATE_FORMAT, "step": step, "tensors": tpath.name,
         "param_groups": sd["param_groups"], "scalars": scalars,
         "state": {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}})
-    for old in stem.parent.glob(f"{stem.name}-*.safetensors"):
-        if old.name != tpath.name:
+    # superseded tensor files (and the optimizer file of the first format)
+    for old in [*stem.parent.glob(f"{stem.name}-*.safetensors"), stem.with_suffix(".safetensors")]:
+        if old.name != tpath.name and old.exists():
             try:
                 old.unlink()
             except OSError as e:  # only a stale copy: the record names the new file
