@@ -330,3 +330,18 @@ def test_ctrl_c_mid_step_saves_a_state_that_resumes_exactly(tiny_phantom, tmp_pa
     assert json.loads((run / "checkpoints/last_state.json").read_text())["step"] == 4
     train(_cfg(tiny_phantom), run, resume=True, progress=False)
     _assert_same_run(run, reference)
+
+
+@pytest.mark.gpu
+def test_cuda_rng_is_saved_and_restored(tiny_phantom, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_phantom, device="cuda", epochs=1, val_pairs=0), run, progress=False)
+    cdir = run / "checkpoints"
+    record = json.loads((cdir / "last_state.json").read_text())
+    saved = load_file(str(cdir / record["tensors"]))["state.cuda_rng"]
+    assert torch.equal(saved, torch.cuda.get_rng_state())  # nothing drew after the save
+    torch.cuda.manual_seed(123)
+    assert not torch.equal(saved, torch.cuda.get_rng_state())
+    train(_cfg(tiny_phantom, device="cuda", epochs=1, val_pairs=0), run, resume=True,
+          progress=False)  # a finished run: loads the state, trains no step
+    assert torch.equal(saved, torch.cuda.get_rng_state())
