@@ -104,57 +104,6 @@ def test_cli_train_and_errors(tiny_phantom, tmp_path, capsys):
     assert rc == 2 and "missing" in capsys.readouterr().err
 
 
-def test_random_displacement_is_smooth_invertible_and_bounded():
-    from mambamorph.metrics import jacobian_determinant
-    from mambamorph.train import random_displacement
-
-    g = torch.Generator().manual_seed(0)
-    u = random_displacement((32, 48, 32), 3.0, g)
-    assert u.shape == (1, 3, 32, 48, 32)
-    assert 1.5 < u.abs().amax().item() < 6.0
-    assert (jacobian_determinant(u) > 0).all()  # diffeomorphic: no folds
-    u2 = random_displacement((32, 48, 32), 3.0, torch.Generator().manual_seed(0))
-    assert torch.equal(u, u2)
-
-
-def test_synthetic_pair_target_is_the_applied_field(tiny_phantom):
-    import numpy as np
-
-    from mambamorph.data.datasets import SRRegDataset
-    from mambamorph.nn.spatial import warp
-    from mambamorph.train import synthetic_pair
-
-    ds = SRRegDataset(tiny_phantom, split="train")
-    b = synthetic_pair(ds, np.random.default_rng(1), 3.0, crop=(32, 32, 32))
-    assert b["moving_id"] == b["fixed_id"]
-    assert b["moving"].shape == (1, 32, 32, 32) and b["target_flow"].shape == (3, 32, 32, 32)
-    # undoing: the original fixed-modality crop warped by the target gives the synthetic fixed
-    rng = np.random.default_rng(1)
-    sid = ds.subjects[int(rng.integers(len(ds.subjects)))]
-    from mambamorph.train import random_crop
-    orig = random_crop(ds.pair(sid, sid), (32, 32, 32), rng)
-    expect = warp(orig["fixed"][None], b["target_flow"][None])[0]
-    assert torch.allclose(expect, b["fixed"], atol=1e-6)
-    assert torch.equal(orig["moving"], b["moving"])
-
-
-@pytest.mark.gpu
-def test_synthetic_pair_on_cuda_matches_cpu(tiny_phantom):
-    import numpy as np
-
-    from mambamorph.data.datasets import SRRegDataset
-    from mambamorph.train import synthetic_pair
-
-    ds = SRRegDataset(tiny_phantom, split="train")
-    cpu = synthetic_pair(ds, np.random.default_rng(3), 3.0, crop=(32, 32, 32))
-    gpu = synthetic_pair(ds, np.random.default_rng(3), 3.0, crop=(32, 32, 32), device="cuda")
-    assert gpu["fixed"].is_cuda and gpu["target_flow"].is_cuda
-    assert torch.allclose(gpu["target_flow"].cpu(), cpu["target_flow"], atol=1e-4)
-    assert torch.allclose(gpu["fixed"].cpu(), cpu["fixed"], atol=1e-3)
-    # labels are warped by nearest neighbour: a rounding tie may flip a few voxels
-    assert (gpu["fixed_seg"].cpu() != cpu["fixed_seg"]).float().mean() < 1e-3
-
-
 def test_train_with_crops_and_synthetic_pairs(tiny_phantom, tmp_path):
     res = train(_cfg(tiny_phantom, epochs=1, crop=[32, 32, 32], synthetic=0.5,
                      dice_scales=[1, 2]), tmp_path / "run", progress=False)
@@ -193,3 +142,18 @@ def test_cli_resume_extends_a_finished_run(tiny_phantom, tmp_path, capsys):
     steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
     assert max(steps) == 4
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tiny_phantom, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(tiny_phantom, epochs=1), run, progress=False)
+    (run / "notes.txt").write_text("mine")
+    stale = run / "checkpoints" / "last_state-00000099.safetensors"
+    stale.write_bytes(b"old")
+    (run / "checkpoints" / ".last.json.abc.tmp").write_bytes(b"half")
+    train(_cfg(tiny_phantom, epochs=1), run, overwrite=True, progress=False)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not stale.exists() and not list(run.rglob("*.tmp"))
+    assert len(list((run / "tb").iterdir())) == 1  # the earlier run's events are gone
+    rows = (run / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "2"]  # two steps, one validation

@@ -2,11 +2,20 @@
 
 Precedence when the CLI resolves a run: dataclass defaults < YAML file (``--config``) < flags.
 The resolved config is written into the run folder as ``config.yaml``.
+
+Every value is checked against its option's type, from a file and in Python alike: a number
+written as a string (PyYAML reads ``lr: 1e-4`` as the string ``"1e-4"``) becomes the number
+meant; anything else that does not fit (``epochs: ten``, ``amp: 1``, ``grid: 96``) is refused
+with an :class:`~mambamorph.errors.InputError` naming the file and the option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,9 @@ class DataConfig:
     fixed: str = "ct"
     grid: list[int] | None = None
     split_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_fields(self, type(self).__name__)
 
 
 @dataclass
@@ -95,30 +107,126 @@ class TrainConfig:
     threads: int | None = None
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        _check_fields(self, type(self).__name__)
 
-def _from_dict(cls, d: dict, source: str):
+
+# --------------------------------------------------------------------------- type checking
+# limits beyond the type (checked after it), as (test, what the value must be)
+_LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "a positive number"),
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "steps_per_epoch": (lambda v: v >= 1, "an integer >= 1"),
+    "log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v >= 1, "an integer >= 1"),
+    "val_pairs": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "synthetic": (lambda v: 0 <= v <= 1, "a fraction between 0 and 1"),
+    "synthetic_voxels": (lambda v: v >= 0, "a number >= 0"),
+    "max_minutes": (lambda v: v >= 0, "a number >= 0"),
+    "dice_weight": (lambda v: v >= 0, "a number >= 0"),
+    "smooth_weight": (lambda v: v >= 0, "a number >= 0"),
+    "flow_weight": (lambda v: v >= 0, "a number >= 0"),
+    "dice_scales": (lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1"),
+    "crop": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
+    "grid": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
+}
+
+
+def _number(value) -> float | None:
+    """``value`` as a finite float (a numeric string too); None when it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _coerce(value, tp, key: str, source: str):
+    """``value`` as option ``key`` of type ``tp`` wants it, or InputError naming ``source``."""
+    optional = False
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = len(args) < len(typing.get_args(tp)), args[0]
+        if value is None and optional:
+            return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    out, what = None, ""
+    if tp is float:
+        out, what = _number(value), "a number"
+    elif tp is int:
+        num, what = _number(value), "an integer"
+        if isinstance(value, int) and not isinstance(value, bool):
+            out = value
+        elif num is not None and num.is_integer():
+            out = int(num)
+    elif tp is bool:
+        out, what = (value if isinstance(value, bool) else None), "true or false"
+    elif tp is str:
+        out, what = (os.fspath(value) if isinstance(value, (str, os.PathLike)) else None), \
+            "a string"
+    elif origin is list:
+        what = "a list of integers" if args == (int,) else "a list"
+        if isinstance(value, (list, tuple)):
+            out = [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        what = "a mapping of names to values"
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            out = dict(value)
+    elif dataclasses.is_dataclass(tp):
+        what = f"a mapping of {key} settings"
+        if isinstance(value, tp):
+            out = value
+        elif isinstance(value, dict):
+            out = tp(**_checked(tp, value, source, prefix=f"{key}."))
+    else:  # pragma: no cover - a field type this checker does not know yet
+        raise TypeError(f"config option {key}: unsupported type {tp}")
+    if out is None:
+        raise InputError(f"{source}: {key}: expected {what}{' or null' if optional else ''}, "
+                         f"got {value!r}")
+    rule = _LIMITS.get(key.rsplit(".", 1)[-1])
+    if rule and not rule[0](out):
+        raise InputError(f"{source}: {key}: expected {rule[1]}, got {value!r}")
+    return out
+
+
+def _checked(cls, d, source: str, prefix: str = "") -> dict:
+    """The entries of mapping ``d`` checked (and numeric strings converted) against the fields
+    of dataclass ``cls``; unknown names are refused."""
     if not isinstance(d, dict):
-        raise InputError(f"{source}: expected a mapping for {cls.__name__}, got {type(d).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(names))
+        raise InputError(f"{source}: expected a mapping for {prefix.rstrip('.') or cls.__name__},"
+                         f" got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names, key=str)
     if unknown:
-        raise InputError(f"{source}: unknown setting(s) {', '.join(unknown)}; "
+        raise InputError(f"{source}: unknown setting(s) "
+                         f"{', '.join(prefix + str(k) for k in unknown)}; "
                          f"known: {', '.join(sorted(names))}")
-    kw = {}
-    for k, v in d.items():
-        if k == "data" and cls is TrainConfig:
-            v = _from_dict(DataConfig, v or {}, source)
-        kw[k] = v
-    return cls(**kw)
+    return {k: _coerce(v, hints[k], prefix + k, source) for k, v in d.items()}
+
+
+def _check_fields(obj, source: str) -> None:
+    """Check (and convert in place) every field of a config dataclass instance."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for k, v in _checked(type(obj), values, source).items():
+        setattr(obj, k, v)
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``None`` skipped).
 
-    ``overrides`` may use dotted keys for data fields (``{"data.root": "..."}``).
+    ``overrides`` may use dotted keys for data fields (``{"data.root": "..."}``). Every value is
+    checked against its option's type (see the module docstring).
 
     Raises:
-        InputError: unreadable/invalid YAML or unknown keys, naming the file.
+        InputError: unreadable/invalid YAML, unknown keys or values that do not fit their
+            option, naming the file and the option.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -134,18 +242,13 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
         raise InputError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
     raw = dict(raw)
     data = raw.pop("data", None) or {}
-    if not isinstance(data, dict):
-        raise InputError(f"{source}: expected a mapping for data, got {type(data).__name__}")
-    data = dict(data)
-    for k, v in (overrides or {}).items():
-        if v is None:
-            continue
-        if k.startswith("data."):
-            data[k[5:]] = v
-        else:
-            raw[k] = v
-    raw["data"] = data
-    return _from_dict(TrainConfig, raw, source)
+    file_data = _checked(DataConfig, data, source, prefix="data.")
+    file_main = _checked(TrainConfig, raw, source)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given_data = {k[5:]: given.pop(k) for k in list(given) if k.startswith("data.")}
+    given_data = _checked(DataConfig, given_data, "given settings", prefix="data.")
+    given = _checked(TrainConfig, given, "given settings")
+    return TrainConfig(**{**file_main, **given}, data=DataConfig(**{**file_data, **given_data}))
 
 
 def dump_yaml(cfg) -> str:

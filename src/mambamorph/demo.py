@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from mambamorph.checkpoint import checkpoint_stem
 from mambamorph.config import DataConfig, TrainConfig
-from mambamorph.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def shipped_weights(model: str, preset: str = "cpu") -> Path | None:
     root = resources.files("mambamorph") / "weights"
     stem = f"phantom-{preset}-{model}"
     p = Path(str(root / f"{stem}.safetensors"))
-    return p.with_suffix("") if p.exists() and p.with_suffix(".json").exists() else None
+    return checkpoint_stem(p) if p.exists() and p.with_suffix(".json").exists() else None
 
 
 def _phantom_matches(data_dir: Path, recipe: DemoRecipe) -> bool:
@@ -87,6 +87,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
     """
     from mambamorph.data.phantom import build_phantom
     from mambamorph.evaluate import run_evaluation
+    from mambamorph.io import prepare_output_dir
     from mambamorph.train import train
 
     recipe = QUICK if quick else FULL
@@ -94,9 +95,8 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
     data_dir = out / "data"
     runs = out / "runs"
     eval_dir = out / "eval"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: folder exists and is not empty; pass --overwrite or choose "
-                         "another --out")
+    # an earlier demo's files are replaced one by one as they are written (its phantom reused)
+    prepare_output_dir(out, overwrite=overwrite, what="demo folder")
     t0 = time.time()
     if not _phantom_matches(data_dir, recipe):
         printer(f"[1/3] building the phantom dataset ({recipe.subjects} subjects) in {data_dir}")

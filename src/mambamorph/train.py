@@ -12,17 +12,24 @@ and writes a run folder::
     run_dir/log.csv                step, epoch, loss terms, lr, seconds (and val Dice rows)
     run_dir/tb/                    TensorBoard events
     run_dir/checkpoints/best.*     best validation Dice (safetensors + json)
-    run_dir/checkpoints/last.*     latest weights, plus last_state.* (optimizer, RNG, counters)
+    run_dir/checkpoints/last.*     latest weights (safetensors + json)
+    run_dir/checkpoints/last_state.json + last_state-<step>.safetensors
+                                   what a resume needs: weights, optimizer, RNG states, counters
 
-Every checkpoint write is atomic; ``resume=True`` continues from ``last`` exactly (same pairs,
-same weights as an uninterrupted CPU run); Ctrl-C and the time budget save ``last`` first.
+Every write is atomic or fails with a :class:`~mambamorph.errors.WriteError` naming the file
+(full disk, vanished folder), leaving the last complete state in place. ``resume=True``
+continues from the last saved state exactly (same pairs, same losses as an uninterrupted run
+on the same device and CPU threads), also after a kill at any moment; Ctrl-C and the time
+budget save that state first.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +37,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mambamorph import checkpoint as ckpt
-from mambamorph.config import DataConfig, TrainConfig, dump_yaml
 from mambamorph import labels
-from mambamorph.errors import InputError
+from mambamorph.config import TrainConfig, dump_yaml
+from mambamorph.data.augment import random_crop, synthetic_pair
+from mambamorph.data.datasets import open_dataset, test_pairs
+from mambamorph.errors import InputError, WriteError
+from mambamorph.io import atomic_write_text, prepare_output_dir
 from mambamorph.losses import grad_l2, multiscale_label_dice_loss
 from mambamorph.metrics import dice_per_roi
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
 from mambamorph.runtime import resolve_device
-from mambamorph.data.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -56,88 +66,126 @@ class TrainResult:
     stopped_early: bool
 
 
+# --------------------------------------------------------------------------------- run folder
+# the files a run writes (paths relative to the run folder), and the temporary files of
+# atomic writes that a killed run may leave behind
+_RUN_FILES = re.compile(r"config\.yaml|log\.csv|tb/events\.out\.tfevents\.[^/]+"
+                        r"|checkpoints/(best|last)\.(json|safetensors)"
+                        r"|checkpoints/last_state(-\d+)?\.(json|safetensors)"
+                        r"|(checkpoints/)?\.[^/]+\.tmp")
+
+
+def _run_files(run_dir: Path) -> Callable[[Path], bool]:
+    return lambda path: bool(_RUN_FILES.fullmatch(path.relative_to(run_dir).as_posix()))
+
+
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Fail early (before any work) if the run folder cannot be used as asked."""
+    """Fail early (before any data is read) if the run folder cannot be used as asked."""
     if resume:
         if not (run_dir / "checkpoints" / "last_state.json").exists():
             raise InputError(f"{run_dir}: nothing to resume (no checkpoints/last_state.json)")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise InputError(f"{run_dir}: run folder exists and is not empty; choose another "
-                         "--out, pass --resume to continue it, or --overwrite to replace it")
+    else:  # refuses a non-empty folder unless overwrite; deletes nothing yet
+        prepare_output_dir(run_dir, overwrite=overwrite, what="run folder")
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Empty (``--overwrite``) and create the run folder; called once data and model load."""
-    if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            import shutil
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Called once data and model load: delete what an earlier run wrote there (``overwrite``)
+    or, on resume, the temporary files of writes a kill interrupted."""
+    owned = _run_files(run_dir)
+    if resume:
+        for f in run_dir.rglob(".*.tmp"):
+            if owned(f):
+                f.unlink(missing_ok=True)
+    else:
+        prepare_output_dir(run_dir, overwrite=overwrite, owned=owned, what="run folder")
 
 
-def random_displacement(shape, max_voxels: float, generator: torch.Generator,
-                        coarse: int = 8, device: torch.device | str | None = None) -> torch.Tensor:
-    """A smooth random diffeomorphic displacement ``(1, 3, D0, D1, D2)`` in voxels.
+class RunLog:
+    """The run's ``log.csv`` (a row per logged step and per validation) and TensorBoard events.
 
-    Gaussian noise on a grid ``coarse`` times coarser, upsampled trilinearly, scaled so that the
-    largest velocity component is ``max_voxels``, then integrated by scaling and squaring (7
-    steps), so the field is invertible and its largest displacement is about ``max_voxels``.
-    The noise is always drawn on the CPU from ``generator`` (same field for the same seed on any
-    device); the upsampling and integration run on ``device`` (default: the CPU).
+    Rows are appended and closed one at a time, so a killed run loses nothing it logged; a
+    resumed run first drops the rows logged after the state it resumes from. Every write
+    failure (full disk, vanished folder) raises :class:`WriteError` naming the file; when an
+    error is already on its way out, closing does not mask it.
     """
-    import torch.nn.functional as F
 
-    from mambamorph.nn.spatial import integrate_velocity
+    COLUMNS = ("step", "epoch", "loss", "dice_loss", "smooth_loss", "val_dice", "lr", "seconds")
 
-    small = [max(2, int(d) // coarse) for d in shape]
-    v = torch.randn(1, 3, *small, generator=generator)
-    if device is not None:
-        v = v.to(device)
-    v = F.interpolate(v, size=tuple(int(d) for d in shape), mode="trilinear", align_corners=True)
-    v = v * (max_voxels / v.abs().amax().clamp_min(1e-6))
-    return integrate_velocity(v, 7)
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.csv_path = run_dir / "log.csv"
+        self.tb_dir = run_dir / "tb"
+        if resume_step is not None and self.csv_path.exists():
+            self._truncate(resume_step)
+        if not self.csv_path.exists():
+            self._append(self.COLUMNS)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency; tolerate its absence all the same
+            return
+        self.tb = self._tb_call(SummaryWriter, str(self.tb_dir), purge_step=resume_step)
+
+    def _truncate(self, step: int) -> None:
+        with open(self.csv_path, newline="") as f:
+            lines = f.readlines()
+        keep = lines[:1] + [ln for ln in lines[1:] if ln.endswith("\n")
+                            and ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+        atomic_write_text(self.csv_path, "".join(keep), overwrite=True)
+
+    def _append(self, row) -> None:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerow(row)
+        try:
+            with open(self.csv_path, "a", newline="") as f:
+                f.write(text.getvalue())
+        except OSError as e:
+            raise WriteError(f"{self.csv_path}: cannot write: {e.strerror or e}") from e
+
+    def _tb_call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            raise WriteError(f"{self.tb_dir}: cannot write TensorBoard events: "
+                             f"{e.strerror or e}") from e
+
+    def train_row(self, step: int, epoch: float, loss: float, dice_loss: float,
+                  smooth_loss: float, lr: float, seconds: float) -> None:
+        self._append([step, f"{epoch:.3f}", f"{loss:.5f}", f"{dice_loss:.5f}",
+                      f"{smooth_loss:.6f}", "", lr, f"{seconds:.1f}"])
+        if self.tb:
+            for name, value in (("loss", loss), ("dice_loss", dice_loss),
+                                ("smooth_loss", smooth_loss)):
+                self._tb_call(self.tb.add_scalar, f"train/{name}", value, step)
+
+    def val_row(self, step: int, epoch: float, val_dice: float, lr: float,
+                seconds: float) -> None:
+        self._append([step, f"{epoch:.3f}", "", "", "", f"{val_dice:.4f}", lr, f"{seconds:.1f}"])
+        if self.tb:
+            self._tb_call(self.tb.add_scalar, "val/dice", val_dice, step)
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tb:
+            try:
+                self._tb_call(self.tb.close)
+            except WriteError:
+                if exc_type is None:
+                    raise
+                log.warning("%s: TensorBoard events not closed cleanly", self.tb_dir)
 
 
-def random_crop(batch: dict, size, rng: np.random.Generator) -> dict:
-    """Crop every volume of a pair (``(C, D0, D1, D2)`` tensors) to ``size`` at one random offset.
-
-    Training on crops makes a step several times cheaper; inference still runs on whole
-    volumes (every model accepts any dims divisible by 16).
-    """
-    shape = batch["moving"].shape[1:]
-    if any(int(c) > int(d) for c, d in zip(size, shape)):
-        raise InputError(f"crop {tuple(size)} is larger than the volumes {tuple(shape)}")
-    start = [int(rng.integers(0, int(d) - int(c) + 1)) for c, d in zip(size, shape)]
-    sl = (slice(None),) + tuple(slice(a, a + int(c)) for a, c in zip(start, size))
-    return {k: (v[sl].contiguous() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=None,
-                   device: torch.device | str | None = None) -> dict:
-    """An intra-subject pair with a known deformation (``target_flow``).
-
-    Moving = the moving modality of subject s; fixed = the fixed modality of the same subject
-    (aligned with it) warped by a random smooth field psi, and its labels warped the same way
-    (nearest). The exact answer is ``flow = psi``: a dense, label-free training signal that
-    teaches correspondence across modalities far faster than the sparse Dice gradient.
-    The field's largest velocity component is drawn uniformly in
-    ``[max_voxels / 4, max_voxels]``, so that small displacements are learnt as well as large.
-    With ``device`` (e.g. the training GPU) the field and the warps are computed there and the
-    returned tensors live there; on the CPU this costs ~0.35 s per 96x112x96 pair on 2 cores.
-    """
-    sid = dataset.subjects[int(rng.integers(len(dataset.subjects)))]
-    batch = dataset.pair(sid, sid)
-    if crop:
-        batch = random_crop(batch, crop, rng)
-    amplitude = max_voxels * (0.25 + 0.75 * float(rng.random()))
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31 - 1)))
-    psi = random_displacement(batch["fixed"].shape[1:], amplitude, gen, device=device)
-    if device is not None:
-        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    batch["fixed"] = warp(batch["fixed"][None], psi)[0]
-    batch["fixed_seg"] = warp(batch["fixed_seg"][None], psi, mode="nearest")[0]
-    batch["target_flow"] = psi[0]
-    return batch
+# ------------------------------------------------------------------------- pairs, loss, Dice
+def training_pair(dataset, rng: np.random.Generator, cfg: TrainConfig,
+                  device: torch.device) -> dict:
+    """The next training pair: a synthetic known-field pair with probability ``cfg.synthetic``,
+    otherwise a random inter-subject pair, cropped to ``cfg.crop`` when set (see
+    :mod:`mambamorph.data.augment`). Draws from ``rng`` only."""
+    if cfg.synthetic and rng.random() < cfg.synthetic:
+        return synthetic_pair(dataset, rng, cfg.synthetic_voxels, cfg.crop, device=device)
+    batch = dataset.random_pair(rng)
+    return random_crop(batch, cfg.crop, rng) if cfg.crop else batch
 
 
 def pair_loss(model, batch: dict, cfg: TrainConfig, device: torch.device, amp: bool):
@@ -182,10 +230,49 @@ def validate(model, dataset, pairs, device: torch.device) -> float:
     return 100.0 * float(np.mean(scores)) if scores else float("nan")
 
 
-def _rng_state(np_rng: np.random.Generator) -> dict:
-    return {"numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state()}
+# ------------------------------------------------------------------------------ checkpoints
+def rng_state(np_rng: np.random.Generator, device: torch.device) -> dict:
+    """The random streams training draws from: numpy (pairs, crops, fields), torch CPU and,
+    on CUDA, the training GPU's generator."""
+    state = {"numpy_rng": np_rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
 
 
+def save_checkpoint(cdir: Path, model, optimizer, rng: dict, step: int, best: float,
+                    last_val: float, meta: dict, device: torch.device) -> None:
+    """Write the resume state (one commit, see :func:`mambamorph.checkpoint.save_train_state`),
+    then the ``last`` weights. ``rng`` is :func:`rng_state` as it stands after ``step`` steps."""
+    ckpt.save_train_state(cdir / "last_state", model, optimizer, {
+        "step": step, "best_val_dice": best, "last_val_dice": last_val,
+        "device": str(device), "threads": torch.get_num_threads(), **rng})
+    ckpt.save_model(cdir / "last", model, meta={"step": step, "val_dice": last_val, **meta})
+
+
+def load_checkpoint(cdir: Path, model, optimizer, np_rng: np.random.Generator,
+                    device: torch.device) -> tuple[int, float, float]:
+    """Restore the state :func:`save_checkpoint` wrote; return ``(step, best, last_val)``.
+
+    Warns when the device or the CPU thread count differ from the saved run's: the run then
+    continues correctly, but no longer bitwise equal to an uninterrupted one.
+    """
+    state = ckpt.load_train_state(cdir / "last_state", model, optimizer)
+    changed = [f"{what} {state[key]} -> {now}" for what, key, now in
+               (("device", "device", str(device)), ("CPU threads", "threads",
+                                                    torch.get_num_threads()))
+               if state.get(key) is not None and state[key] != now]
+    if changed:
+        log.warning("resuming with %s: training continues, but its losses will not be bitwise "
+                    "equal to an uninterrupted run's", ", ".join(changed))
+    np_rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return int(state["step"]), float(state["best_val_dice"]), float(state["last_val_dice"])
+
+
+# ------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` as configured; see the module docstring for what is written.
@@ -193,15 +280,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     Args:
         cfg: resolved settings (``load_train_config``).
         run_dir: run folder; must be new or empty unless ``resume``/``overwrite``.
-        resume: continue from ``run_dir/checkpoints/last``; ``cfg`` is then read from the run
-            folder's ``config.yaml`` by the caller (values here must match it).
-        overwrite: delete an existing run folder first.
+        resume: continue from ``run_dir/checkpoints/last_state``; ``cfg`` is then read from the
+            run folder's ``config.yaml`` by the caller (values here must match it).
+        overwrite: delete what an earlier run wrote in ``run_dir`` first (other files are kept).
         progress: show a tqdm bar (loss, last validation Dice).
         on_epoch: callback receiving a dict of epoch statistics (for tests / CLI).
     Returns:
         :class:`TrainResult`.
     Raises:
         InputError: bad run folder, data or settings.
+        WriteError: an output could not be written (the last saved state stays resumable).
     """
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, resume, overwrite)
@@ -214,7 +302,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
 
     train_ds = open_dataset(cfg.data, "train", cfg.seed)
     val_ds = open_dataset(cfg.data, "val", cfg.seed)
-    from mambamorph.data.datasets import test_pairs
     n_val = len(val_ds.subjects)
     n_pairs = min(cfg.val_pairs, n_val * (n_val - 1))
     if n_pairs < cfg.val_pairs:
@@ -234,125 +321,76 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # only now, with data and model known to be usable, touch the run folder
-    _prepare_run_dir(run_dir, resume)
-
+    _prepare_run_dir(run_dir, resume, overwrite)
     cdir = run_dir / "checkpoints"
     # what `register` needs to rebuild the model space: the data's voxel spacing and grid
     first = train_ds.load(train_ds.subjects[0], cfg.data.moving)
-    data_meta = {"spacing": [float(s) for s in train_ds.spacing],
-                 "grid": [int(d) for d in first.shape[-3:]],
-                 "moving": cfg.data.moving, "fixed": cfg.data.fixed}
+    meta = {"spacing": [float(s) for s in train_ds.spacing],
+            "grid": [int(d) for d in first.shape[-3:]],
+            "moving": cfg.data.moving, "fixed": cfg.data.fixed}
+
     step, best, last_val = 0, -math.inf, float("nan")
     if resume:
-        model_r, _ = ckpt.load_model(cdir / "last", device)
-        model.load_state_dict(model_r.state_dict())
-        state = ckpt.load_train_state(cdir / "last_state", optimizer)
-        step = int(state["step"])
-        best = float(state["best_val_dice"])
-        last_val = float(state["last_val_dice"])
-        np_rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        step, best, last_val = load_checkpoint(cdir, model, optimizer, np_rng, device)
     else:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-
-    csv_path = run_dir / "log.csv"
-    if resume and csv_path.exists():  # drop rows a killed run logged after its last checkpoint
-        rows = list(csv.reader(csv_path.open()))
-        kept = [r for r in rows[1:] if r and int(r[0]) <= step]
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerows(rows[:1] + kept)
-    new_csv = not csv_path.exists()
-    csv_file = open(csv_path, "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(["step", "epoch", "loss", "dice_loss", "smooth_loss", "val_dice",
-                         "lr", "seconds"])
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(run_dir / "tb"), purge_step=step if resume else None)
-    except ImportError:  # tensorboard is a dependency; tolerate its absence all the same
-        tb = None
-
-    def save_last():
-        ckpt.save_model(cdir / "last", model,
-                        meta={"step": step, "val_dice": last_val, **data_meta})
-        ckpt.save_train_state(cdir / "last_state", optimizer, {
-            "step": step, "best_val_dice": best, "last_val_dice": last_val,
-            "numpy_rng": np_rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
-
-    def end_epoch():
-        nonlocal best, last_val
-        last_val = validate(model, val_ds, val_pairs, device) if val_pairs else float("nan")
-        epoch = step / steps_per_epoch
-        writer.writerow([step, f"{epoch:.3f}", "", "", "", f"{last_val:.4f}", cfg.lr,
-                         f"{time.time() - t0:.1f}"])
-        csv_file.flush()
-        if tb:
-            tb.add_scalar("val/dice", last_val, step)
-        if val_pairs and last_val > best:
-            best = last_val
-            ckpt.save_model(cdir / "best", model,
-                            meta={"step": step, "val_dice": last_val, **data_meta})
-        save_last()
-        log.info("epoch %.2f step %d val Dice %.2f (best %.2f)", epoch, step, last_val, best)
-        if on_epoch:
-            on_epoch({"step": step, "epoch": epoch, "val_dice": last_val, "best": best})
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg), overwrite=True)
+    rng = rng_state(np_rng, device)  # always the RNG as it stands after `step` steps
 
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else None
-    stopped_early = False
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.model}", unit="step",
-                   dynamic_ncols=True)
-    try:
-        if cfg.init and not resume and val_pairs:
-            # score the starting weights, so the best checkpoint is never worse than them
-            end_epoch()
-        while step < total_steps:
-            if cfg.synthetic and np_rng.random() < cfg.synthetic:
-                batch = synthetic_pair(train_ds, np_rng, cfg.synthetic_voxels, cfg.crop,
-                                       device=device)
-            else:
-                batch = train_ds.random_pair(np_rng)
-                if cfg.crop:
-                    batch = random_crop(batch, cfg.crop, np_rng)
-            loss, dice, smooth = pair_loss(model, batch, cfg, device, amp)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
-                                   "lower the learning rate")
-            if step % cfg.log_every == 0 or step == total_steps:
-                writer.writerow([step, f"{step / steps_per_epoch:.3f}", f"{loss.item():.5f}",
-                                 f"{dice.item():.5f}", f"{smooth.item():.6f}", "", cfg.lr,
-                                 f"{time.time() - t0:.1f}"])
-                csv_file.flush()
-                if tb:
-                    tb.add_scalar("train/loss", loss.item(), step)
-                    tb.add_scalar("train/dice_loss", dice.item(), step)
-                    tb.add_scalar("train/smooth_loss", smooth.item(), step)
-            if bar:
+    # fine-tuning scores the starting weights first, so `best` is never worse than them
+    end_of_epoch = bool(cfg.init and not resume and val_pairs)
+    stopped_early = updating = False
+    with RunLog(run_dir, resume_step=step if resume else None) as runlog, \
+            tqdm(total=total_steps, initial=step, desc=f"train {cfg.model}", unit="step",
+                 dynamic_ncols=True, disable=not progress) as bar:
+        try:
+            while True:
+                if end_of_epoch:  # validate, keep the best weights, save the resume state
+                    last_val = validate(model, val_ds, val_pairs, device) if val_pairs \
+                        else float("nan")
+                    epoch = step / steps_per_epoch
+                    runlog.val_row(step, epoch, last_val, cfg.lr, time.time() - t0)
+                    if val_pairs and last_val > best:
+                        best = last_val
+                        ckpt.save_model(cdir / "best", model,
+                                        meta={"step": step, "val_dice": last_val, **meta})
+                    save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta,
+                                    device)
+                    log.info("epoch %.2f step %d val Dice %.2f (best %.2f)", epoch, step,
+                             last_val, best)
+                    if on_epoch:
+                        on_epoch({"step": step, "epoch": epoch, "val_dice": last_val,
+                                  "best": best})
+                if step >= total_steps or stopped_early:
+                    break
+
+                batch = training_pair(train_ds, np_rng, cfg, device)
+                loss, dice, smooth = pair_loss(model, batch, cfg, device, amp)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                updating = True  # weights, step and rng change together
+                optimizer.step()
+                step, rng = step + 1, rng_state(np_rng, device)
+                updating = False
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
+                                       "lower the learning rate")
+                if step % cfg.log_every == 0 or step == total_steps:
+                    runlog.train_row(step, step / steps_per_epoch, loss.item(), dice.item(),
+                                     smooth.item(), cfg.lr, time.time() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_val:.1f}")
-            if step % steps_per_epoch == 0:
-                end_epoch()
-            if deadline and time.time() > deadline and step < total_steps:
-                stopped_early = True
-                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
-                end_epoch()
-                break
-    except KeyboardInterrupt:
-        save_last()
-        raise
-    finally:
-        if bar:
-            bar.close()
-        csv_file.close()
-        if tb:
-            tb.close()
+                if deadline and time.time() > deadline and step < total_steps:
+                    stopped_early = True
+                    log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                end_of_epoch = step % steps_per_epoch == 0 or stopped_early
+        except KeyboardInterrupt:
+            if updating:  # the weights may be half-updated: keep the last saved state
+                log.warning("interrupted while updating the weights; the state saved last "
+                            "is kept")
+            else:
+                save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta, device)
+            raise
     return TrainResult(run_dir, step, step / steps_per_epoch, best, last_val,
                        time.time() - t0, stopped_early)
