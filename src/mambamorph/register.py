@@ -53,6 +53,8 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +69,7 @@ from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
 from mambamorph.io import (Volume, atomic_write_bytes, read_labels, read_volume,
                            write_itk_displacement, write_volume)
-from mambamorph.metrics import folding_percent, jacobian_determinant
+from mambamorph.metrics import jacobian_determinant
 from mambamorph.runtime import Timer, resolve_device
 
 __all__ = [
@@ -326,6 +328,8 @@ class RegistrationResult:
         folding_percent: % of model-grid voxels with a Jacobian determinant <= 0.
         jacobian_range: ``(min, max)`` determinant over the model grid.
         max_displacement_mm: largest displacement length on the fixed grid, mm.
+        seconds_stages: wall time of each stage, s (the stages after the network run side by
+            side on threads: "products (wall)" is their total wall time).
     """
 
     out_dir: Path
@@ -340,6 +344,7 @@ class RegistrationResult:
     folding_percent: float = float("nan")
     jacobian_range: tuple[float, float] = (float("nan"), float("nan"))
     max_displacement_mm: float = float("nan")
+    seconds_stages: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         grid = "x".join(str(g) for g in self.space.shape)
@@ -423,69 +428,59 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             unavailable device.
     """
     t_start = time.perf_counter()
+    stages: dict[str, float] = {}
     out_dir = Path(out)
     paths = _outputs(out_dir, moving_seg is not None, overwrite)
     dev = resolve_device(device)
     ckpt = _check_checkpoint_arg(model)
 
-    fix = read_volume(fixed)
-    mov = read_volume(moving)
-    seg = read_labels(moving_seg, check_table=False) if moving_seg is not None else None
-    if seg is not None and (seg.shape != mov.shape or not np.allclose(seg.affine, mov.affine,
-                                                                      atol=1e-3)):
-        log.warning("%s: grid differs from the moving image's %s; it is sampled through its own "
-                    "affine", seg.path, mov.path)
-    net, info = load_model(ckpt, dev)
-    space, defaulted = model_space_from_meta(fix, info.get("meta", {}), str(ckpt))
-    multiple = int(getattr(net, "size_multiple", 1))
-    if any(g % multiple for g in space.shape):
-        raise InputError(f"{ckpt}: grid {list(space.shape)} of the checkpoint's meta is not a "
-                         f"multiple of {multiple}, which model {info['model']!r} needs")
-    _warn_outside(fix, space)
-
-    # model space: min-max over the whole volume (as training), then resample (0 = minimum)
-    mov_m = resample_array(minmax(mov.data.numpy()), mov.affine, space.affine, space.shape, 1)
-    fix_m = resample_array(minmax(fix.data.numpy()), fix.affine, space.affine, space.shape, 1)
-    if not mov_m.any():
-        raise InputError(f"{mov.path}: does not overlap the model grid around the fixed "
-                         f"image's centre; the pair must be roughly aligned in world "
-                         f"coordinates (run a rigid registration first)")
-    mov_t, fix_t = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(dev)
-                    for a in (mov_m, fix_m))  # (G0, G1, G2) -> (1, 1, G0, G1, G2)
-    with torch.no_grad(), Timer(dev) as timer:
-        flow = predict(net, mov_t, fix_t).flow
-    u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
-    if not np.all(np.isfinite(u)):
-        raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
-    det_model = jacobian_determinant(u)
-    fold = folding_percent(u)
-
-    disp = displacement_to_fixed(u, space, fix)  # (D0, D1, D2, 3) RAS mm
-    warped = warp_to_fixed(mov, disp, fix, order=1)
-    warped_seg = warp_to_fixed(seg, disp, fix, order=0) if seg is not None else None
-    jac = resample_array(det_model, space.affine, fix.affine, fix.shape, order=1, cval=1.0)
-    before = resample_array(mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
-
-    written: dict[str, Path] = {}
-    written["warped"] = write_volume(paths["warped"], warped, like=fix, overwrite=overwrite)
-    if warped_seg is not None:
-        written["warped_seg"] = write_volume(paths["warped_seg"], warped_seg, like=fix,
-                                             overwrite=overwrite)
-    written["displacement"] = write_itk_displacement(paths["displacement"], disp, like=fix,
-                                                     overwrite=overwrite)
-    written["jacobian"] = write_volume(paths["jacobian"], jac.astype(np.float32), like=fix,
-                                       overwrite=overwrite)
-    from mambamorph.viz import qc_overlay
-
-    written["qc"] = qc_overlay(fix.data.numpy(), warped, paths["qc"], moving=before,
-                               spacing=fix.spacing, title=f"{mov.path.name} -> "
-                               f"{fix.path.name} ({info['model']}, folding {fold:.2f} %)")
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        # inputs and checkpoint at once: gzip, nibabel and safetensors release the GIL for most
+        # of their time, so on 2 cores the three reads overlap with loading the model
+        with _stage(stages, "read inputs + load model"):
+            jobs = [pool.submit(read_volume, fixed), pool.submit(read_volume, moving),
+                    pool.submit(read_labels, moving_seg, check_table=False)
+                    if moving_seg is not None else None]
+            net, info = load_model(ckpt, dev)
+            fix, mov, seg = (j.result() if j is not None else None for j in jobs)
+        if seg is not None and (seg.shape != mov.shape or
+                                not np.allclose(seg.affine, mov.affine, atol=1e-3)):
+            log.warning("%s: grid differs from the moving image's %s; it is sampled through "
+                        "its own affine", seg.path, mov.path)
+        with _stage(stages, "model space + resample to it"):
+            space, defaulted = model_space_from_meta(fix, info.get("meta", {}), str(ckpt))
+            multiple = int(getattr(net, "size_multiple", 1))
+            if any(g % multiple for g in space.shape):
+                raise InputError(f"{ckpt}: grid {list(space.shape)} of the checkpoint's meta is "
+                                 f"not a multiple of {multiple}, which model {info['model']!r} "
+                                 f"needs")
+            _warn_outside(fix, space)
+            # min-max over the whole volume (as training), then resample (0 = minimum)
+            mov_m, fix_m = pool.map(
+                lambda v: resample_array(minmax(v.data.numpy()), v.affine, space.affine,
+                                         space.shape, 1), (mov, fix))
+        if not mov_m.any():
+            raise InputError(f"{mov.path}: does not overlap the model grid around the fixed "
+                             f"image's centre; the pair must be roughly aligned in world "
+                             f"coordinates (run a rigid registration first)")
+        mov_t, fix_t = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(dev)
+                        for a in (mov_m, fix_m))  # (G0, G1, G2) -> (1, 1, G0, G1, G2)
+        with torch.no_grad(), Timer(dev) as timer:
+            flow = predict(net, mov_t, fix_t).flow
+        stages["network"] = timer.seconds
+        u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
+        if not np.all(np.isfinite(u)):
+            raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
+        with _stage(stages, "products (wall)"):
+            written, det_model, fold, disp = _products(pool, stages, u, space, fix, mov, seg,
+                                                       paths, overwrite, str(info["model"]))
     result = RegistrationResult(
         out_dir=out_dir, files=written, checkpoint=ckpt, model=str(info["model"]),
         device=str(dev), space=space, defaulted=defaulted, seconds_predict=timer.seconds,
-        folding_percent=float(fold),
+        folding_percent=fold,
         jacobian_range=(float(det_model.min()), float(det_model.max())),
-        max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()))
+        max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()),
+        seconds_stages=stages)
     written["record"] = paths["record"]  # listed in the record itself
     result.seconds_total = time.perf_counter() - t_start
     record = _record(result, mov, fix, seg)
@@ -493,6 +488,80 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                        overwrite=overwrite)
     log.info("%s", result)
     return result
+
+
+#: threads for the work around the network (reading, resampling, gzip, the QC figure): the
+#: scipy, zlib and nibabel calls release the GIL, so they run side by side on the cores.
+_WORKERS = max(2, min(4, os.cpu_count() or 1))
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str):
+    """Add the wall time of the ``with`` body to ``stages[name]`` (seconds)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _timed_call(stages: dict[str, float], name: str, fn, *args, **kwargs):
+    with _stage(stages, name):
+        return fn(*args, **kwargs)
+
+
+def _products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.ndarray,
+              space: ModelSpace, fix: Volume, mov: Volume, seg: Volume | None,
+              paths: dict[str, Path], overwrite: bool, model_name: str):
+    """Every output of the prediction ``u`` ``(3, G0, G1, G2)`` (model voxels), written.
+
+    The independent pieces run on ``pool``: the Jacobian (model grid, then onto the fixed grid)
+    and the moving image on the fixed grid (the QC's "before") while the displacement is taken
+    to the fixed grid; then the warps, the gzip writes and the QC figure. Each task's own time
+    goes into ``stages`` (they overlap, so they add up to more than the wall time).
+
+    Returns:
+        ``(written, det_model, folding_percent, disp)``: ``{product: path}`` of the files
+        written (all but the record), the ``(G0, G1, G2)`` float64 Jacobian determinant on the
+        model grid, the % of its voxels <= 0, and the ``(D0, D1, D2, 3)`` RAS mm displacement
+        on the fixed grid.
+    """
+    def jacobian():
+        det = _timed_call(stages, "jacobian (model grid)", jacobian_determinant, u)
+        jac = _timed_call(stages, "jacobian to fixed grid", resample_array, det, space.affine,
+                          fix.affine, fix.shape, order=1, cval=1.0)
+        path = _timed_call(stages, "write jacobian", write_volume, paths["jacobian"],
+                           jac.astype(np.float32), like=fix, overwrite=overwrite)
+        return det, path
+
+    def warp_and_write(key, volume, order):
+        arr = _timed_call(stages, f"warp {key}", warp_to_fixed, volume, disp, fix, order=order)
+        return arr, _timed_call(stages, f"write {key}", write_volume, paths[key], arr, like=fix,
+                                overwrite=overwrite)
+
+    j_jac = pool.submit(jacobian)
+    j_before = pool.submit(_timed_call, stages, "moving to fixed grid (QC)", resample_array,
+                           mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
+    disp = _timed_call(stages, "displacement to fixed grid", displacement_to_fixed, u, space, fix)
+    j_disp = pool.submit(_timed_call, stages, "write displacement", write_itk_displacement,
+                         paths["displacement"], disp, like=fix, overwrite=overwrite)
+    j_seg = (pool.submit(warp_and_write, "warped_seg", seg, 0) if seg is not None else None)
+    warped, warped_path = warp_and_write("warped", mov, 1)
+    det_model, jac_path = j_jac.result()
+    fold = float(100.0 * np.mean(det_model <= 0))  # = metrics.folding_percent(u)
+    from mambamorph.viz import qc_overlay
+
+    qc_path = _timed_call(
+        stages, "QC figure", qc_overlay, fix.data.numpy(), warped, paths["qc"],
+        moving=j_before.result(), spacing=fix.spacing,
+        title=f"{mov.path.name} -> {fix.path.name} ({model_name}, folding {fold:.2f} %)")
+    written: dict[str, Path] = {"warped": warped_path}
+    if j_seg is not None:
+        written["warped_seg"] = j_seg.result()[1]
+    written["displacement"] = j_disp.result()
+    written["jacobian"] = jac_path
+    written["qc"] = qc_path
+    return written, det_model, fold, disp
 
 
 def _warn_outside(fixed: Volume, space: ModelSpace) -> None:
@@ -523,6 +592,7 @@ def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | Non
                         "defaulted": res.defaulted},
         "seconds_total": round(res.seconds_total, 4),
         "seconds_predict": round(res.seconds_predict, 4),
+        "seconds_stages": {k: round(v, 4) for k, v in res.seconds_stages.items()},
         "folding_percent": res.folding_percent,
         "jacobian_min": res.jacobian_range[0], "jacobian_max": res.jacobian_range[1],
         "max_displacement_mm": res.max_displacement_mm,
