@@ -257,7 +257,8 @@ def displacement_to_fixed(flow: torch.Tensor | np.ndarray, space: ModelSpace,
     if u.shape != (3, *space.shape):
         raise InputError(f"displacement of shape {u.shape}, expected (3, {space.shape}) on the "
                          f"model grid")
-    world = np.einsum("ij,j...->i...", space.affine[:3, :3], u.astype(np.float64))
+    # float32 like the network's output (scipy interpolates in float64 either way)
+    world = np.einsum("ij,j...->i...", space.affine[:3, :3].astype(np.float32), u)
     out = np.empty((*fixed.shape, 3), dtype=np.float32)
     for i in range(3):
         out[..., i] = resample_array(world[i], space.affine, fixed.affine, fixed.shape,
@@ -438,11 +439,11 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
         # inputs and checkpoint at once: gzip, nibabel and safetensors release the GIL for most
         # of their time, so on 2 cores the three reads overlap with loading the model
         with _stage(stages, "read inputs + load model"):
-            jobs = [pool.submit(read_volume, fixed), pool.submit(read_volume, moving),
-                    pool.submit(read_labels, moving_seg, check_table=False)
-                    if moving_seg is not None else None]
-            net, info = load_model(ckpt, dev)
-            fix, mov, seg = (j.result() if j is not None else None for j in jobs)
+            j_net = pool.submit(_load_network, ckpt, dev)
+            fix = read_volume(fixed)
+            mov = read_volume(moving)
+            seg = read_labels(moving_seg, check_table=False) if moving_seg is not None else None
+            net, info = j_net.result()
         if seg is not None and (seg.shape != mov.shape or
                                 not np.allclose(seg.affine, mov.affine, atol=1e-3)):
             log.warning("%s: grid differs from the moving image's %s; it is sampled through "
@@ -488,6 +489,29 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                        overwrite=overwrite)
     log.info("%s", result)
     return result
+
+
+def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]:
+    """:func:`~mambamorph.checkpoint.load_model`, then the numba scan kernels if it uses them.
+
+    Importing numba and loading the cached kernels takes about 0.7 s of CPU; run here (on a
+    worker thread, while the inputs are read and resampled) it is off the network's clock.
+    """
+    net, info = load_model(ckpt, dev)
+    from mambamorph.nn.mamba import Mamba
+    from mambamorph.nn.ssm import resolve_impl
+
+    if any(isinstance(m, Mamba) and resolve_impl(m.scan_impl, dev) == "cpu"
+           for m in net.modules()):
+        from mambamorph.nn.ssm.cpu import selective_scan_cpu
+
+        e, n, length = 2, 2, 3  # a tiny float32 problem: loads the kernels the network runs
+        with torch.no_grad():
+            selective_scan_cpu(torch.zeros(1, e, length), torch.zeros(1, e, length),
+                               -torch.ones(e, n), torch.zeros(1, n, length),
+                               torch.zeros(1, n, length), torch.zeros(e),
+                               torch.zeros(1, e, length), torch.zeros(e), True)
+    return net, info
 
 
 #: threads for the work around the network (reading, resampling, gzip, the QC figure): the
