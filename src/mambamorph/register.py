@@ -54,7 +54,6 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,9 +66,8 @@ from mambamorph.checkpoint import load_model
 from mambamorph.models import predict
 from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
-from mambamorph.io import (Volume, atomic_write_bytes, read_labels, read_volume,
-                           write_itk_displacement, write_volume)
-from mambamorph.metrics import jacobian_determinant
+from mambamorph.io import Volume, atomic_write_bytes, read_labels, read_volume
+from mambamorph.register_products import WORKERS, stage, write_products
 from mambamorph.runtime import Timer, resolve_device
 
 __all__ = [
@@ -435,10 +433,10 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
     dev = resolve_device(device)
     ckpt = _check_checkpoint_arg(model)
 
-    with ThreadPoolExecutor(_WORKERS) as pool:
-        # inputs and checkpoint at once: gzip, nibabel and safetensors release the GIL for most
-        # of their time, so on 2 cores the three reads overlap with loading the model
-        with _stage(stages, "read inputs + load model"):
+    with ThreadPoolExecutor(WORKERS) as pool:
+        # the model (and the numba kernels it runs) loads on a worker thread while the inputs
+        # are read here: gzip, nibabel and safetensors release the GIL for most of their time
+        with stage(stages, "read inputs + load model"):
             j_net = pool.submit(_load_network, ckpt, dev)
             fix = read_volume(fixed)
             mov = read_volume(moving)
@@ -448,7 +446,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                                 not np.allclose(seg.affine, mov.affine, atol=1e-3)):
             log.warning("%s: grid differs from the moving image's %s; it is sampled through "
                         "its own affine", seg.path, mov.path)
-        with _stage(stages, "model space + resample to it"):
+        with stage(stages, "model space + resample to it"):
             space, defaulted = model_space_from_meta(fix, info.get("meta", {}), str(ckpt))
             multiple = int(getattr(net, "size_multiple", 1))
             if any(g % multiple for g in space.shape):
@@ -472,8 +470,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
         u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
         if not np.all(np.isfinite(u)):
             raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
-        with _stage(stages, "products (wall)"):
-            written, det_model, fold, disp = _products(pool, stages, u, space, fix, mov, seg,
+        with stage(stages, "products (wall)"):
+            written, det_model, fold, disp = write_products(pool, stages, u, space, fix, mov, seg,
                                                        paths, overwrite, str(info["model"]))
     result = RegistrationResult(
         out_dir=out_dir, files=written, checkpoint=ckpt, model=str(info["model"]),
@@ -494,7 +492,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
 def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]:
     """:func:`~mambamorph.checkpoint.load_model`, then the numba scan kernels if it uses them.
 
-    Importing numba and loading the cached kernels takes about 0.7 s of CPU; run here (on a
+    Importing numba and loading the cached kernels took 0.48 s of CPU here; run here (on a
     worker thread, while the inputs are read and resampled) it is off the network's clock.
     """
     net, info = load_model(ckpt, dev)
@@ -512,80 +510,6 @@ def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]
                                torch.zeros(1, n, length), torch.zeros(e),
                                torch.zeros(1, e, length), torch.zeros(e), True)
     return net, info
-
-
-#: threads for the work around the network (reading, resampling, gzip, the QC figure): the
-#: scipy, zlib and nibabel calls release the GIL, so they run side by side on the cores.
-_WORKERS = max(2, min(4, os.cpu_count() or 1))
-
-
-@contextmanager
-def _stage(stages: dict[str, float], name: str):
-    """Add the wall time of the ``with`` body to ``stages[name]`` (seconds)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _timed_call(stages: dict[str, float], name: str, fn, *args, **kwargs):
-    with _stage(stages, name):
-        return fn(*args, **kwargs)
-
-
-def _products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.ndarray,
-              space: ModelSpace, fix: Volume, mov: Volume, seg: Volume | None,
-              paths: dict[str, Path], overwrite: bool, model_name: str):
-    """Every output of the prediction ``u`` ``(3, G0, G1, G2)`` (model voxels), written.
-
-    The independent pieces run on ``pool``: the Jacobian (model grid, then onto the fixed grid)
-    and the moving image on the fixed grid (the QC's "before") while the displacement is taken
-    to the fixed grid; then the warps, the gzip writes and the QC figure. Each task's own time
-    goes into ``stages`` (they overlap, so they add up to more than the wall time).
-
-    Returns:
-        ``(written, det_model, folding_percent, disp)``: ``{product: path}`` of the files
-        written (all but the record), the ``(G0, G1, G2)`` float64 Jacobian determinant on the
-        model grid, the % of its voxels <= 0, and the ``(D0, D1, D2, 3)`` RAS mm displacement
-        on the fixed grid.
-    """
-    def jacobian():
-        det = _timed_call(stages, "jacobian (model grid)", jacobian_determinant, u)
-        jac = _timed_call(stages, "jacobian to fixed grid", resample_array, det, space.affine,
-                          fix.affine, fix.shape, order=1, cval=1.0)
-        path = _timed_call(stages, "write jacobian", write_volume, paths["jacobian"],
-                           jac.astype(np.float32), like=fix, overwrite=overwrite)
-        return det, path
-
-    def warp_and_write(key, volume, order):
-        arr = _timed_call(stages, f"warp {key}", warp_to_fixed, volume, disp, fix, order=order)
-        return arr, _timed_call(stages, f"write {key}", write_volume, paths[key], arr, like=fix,
-                                overwrite=overwrite)
-
-    j_jac = pool.submit(jacobian)
-    j_before = pool.submit(_timed_call, stages, "moving to fixed grid (QC)", resample_array,
-                           mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
-    disp = _timed_call(stages, "displacement to fixed grid", displacement_to_fixed, u, space, fix)
-    j_disp = pool.submit(_timed_call, stages, "write displacement", write_itk_displacement,
-                         paths["displacement"], disp, like=fix, overwrite=overwrite)
-    j_seg = (pool.submit(warp_and_write, "warped_seg", seg, 0) if seg is not None else None)
-    warped, warped_path = warp_and_write("warped", mov, 1)
-    det_model, jac_path = j_jac.result()
-    fold = float(100.0 * np.mean(det_model <= 0))  # = metrics.folding_percent(u)
-    from mambamorph.viz import qc_overlay
-
-    qc_path = _timed_call(
-        stages, "QC figure", qc_overlay, fix.data.numpy(), warped, paths["qc"],
-        moving=j_before.result(), spacing=fix.spacing,
-        title=f"{mov.path.name} -> {fix.path.name} ({model_name}, folding {fold:.2f} %)")
-    written: dict[str, Path] = {"warped": warped_path}
-    if j_seg is not None:
-        written["warped_seg"] = j_seg.result()[1]
-    written["displacement"] = j_disp.result()
-    written["jacobian"] = jac_path
-    written["qc"] = qc_path
-    return written, det_model, fold, disp
 
 
 def _warn_outside(fixed: Volume, space: ModelSpace) -> None:

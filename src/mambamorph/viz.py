@@ -33,6 +33,7 @@ import torch
 
 from mambamorph.labels import ROI_IDS, ROI_NAMES
 from mambamorph.errors import InputError
+from mambamorph.io import atomic_write_bytes
 
 __all__ = [
     "LATERAL_VENTRICLE",
@@ -434,11 +435,8 @@ def qc_overlay(fixed, warped, out_png, moving=None, spacing: Sequence[float] | N
     (Sobel magnitude above its 90th percentile) in yellow. Where the registration is good, edges
     line up with the warped image's boundaries and the checkerboard tiles continue each other.
 
-    The panels are composed as pixels and written with Pillow, without matplotlib (whose import
-    and 15 axes took about 0.7 s of CPU, a sixth of ``mambamorph register`` without the
-    network): each slice is scaled by nearest neighbour to a row height of 253 pixels with the
-    pixel aspect ratio of ``spacing``, drawn with the screen orientation of the module docstring,
-    grey levels over each volume's display window.
+    Drawn as pixels with Pillow (matplotlib's import and 15 axes took 0.74 s of CPU): slices
+    scaled by nearest neighbour to rows of 253 pixels with the aspect ratio of ``spacing``.
 
     Args:
         fixed: ``(D0, D1, D2)`` fixed image (array or tensor; leading 1s allowed).
@@ -455,9 +453,6 @@ def qc_overlay(fixed, warped, out_png, moving=None, spacing: Sequence[float] | N
         InputError: shapes differ, non-3D inputs, slices outside the volume, non-``.png`` name.
     """
     from PIL import Image, ImageDraw
-
-    from mambamorph.io import atomic_write_bytes
-
     out = Path(out_png)
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: expected a .png file name")
@@ -479,10 +474,10 @@ def qc_overlay(fixed, warped, out_png, moving=None, spacing: Sequence[float] | N
         (fix, fwin), (wrp, wwin), (None, (0.0, 1.0)), (wrp, wwin)]
     # pixel layout: panel widths follow the physical extent of each view's horizontal axis
     ext = [s * n for s, n in zip(sp, fix.shape)]
-    row_h, gap, left = _QC_ROW_PX, 3, 38
-    widths = [max(1, round(row_h * ext[min(_other(v))] / ext[max(_other(v))])) for v in range(3)]
-    cell_w = max(widths)
-    top = (30 if title else 0) + 22
+    row_h, gap, left = 253, 3, 38  # 2.3 inches at _DPI
+    widths = [max(1, round(row_h * ext[min(a for a in range(3) if a != v)] /
+                           ext[max(a for a in range(3) if a != v)])) for v in range(3)]
+    cell_w, top = max(widths), (30 if title else 0) + 22  # top: title and column names
     width, height = left + len(cols) * (cell_w + gap) + 4, top + 3 * (row_h + gap) + 4
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -502,56 +497,40 @@ def qc_overlay(fixed, warped, out_png, moving=None, spacing: Sequence[float] | N
             if c == len(panels) - 1:
                 edges = _edges(display_slice(fix, view, idx))
                 rgb[edges] = 0.1 * rgb[edges] + 0.9 * np.array([1.0, 0.85, 0.0])
-            img = Image.fromarray(np.ascontiguousarray(
-                np.round(rgb[::-1] * 255).astype(np.uint8)))  # origin at the bottom left
+            img = Image.fromarray(np.round(rgb[::-1] * 255).astype(np.uint8))  # origin: bottom
             x0 = left + c * (cell_w + gap) + (cell_w - w) // 2
             canvas.paste(img.resize((w, row_h), Image.NEAREST), (x0, y0))
             if c == 0:
-                lft, rgt, bot, tp = _ORIENT_LETTERS[view]
-                kw = dict(fill="#ffd700", font=small)
-                draw.text((x0 + 3, y0 + row_h / 2), lft, anchor="lm", **kw)
-                draw.text((x0 + w - 3, y0 + row_h / 2), rgt, anchor="rm", **kw)
-                draw.text((x0 + w / 2, y0 + row_h - 3), bot, anchor="md", **kw)
-                draw.text((x0 + w / 2, y0 + 3), tp, anchor="ma", **kw)
+                xy = [(x0 + 3, y0 + row_h / 2), (x0 + w - 3, y0 + row_h / 2),
+                      (x0 + w / 2, y0 + row_h - 3), (x0 + w / 2, y0 + 3)]
+                for p, letter, anchor in zip(xy, _ORIENT_LETTERS[view], ("lm", "rm", "md", "ma")):
+                    draw.text(p, letter, anchor=anchor, fill="#ffd700", font=small)
         label = Image.new("RGB", (row_h, left - 6), "white")
         ImageDraw.Draw(label).text((row_h / 2, (left - 6) / 2), f"{AXIS_NAMES[view]} {idx}",
                                    fill="black", font=font, anchor="mm")
         canvas.paste(label.rotate(90, expand=True), (2, y0))
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", dpi=(_DPI, _DPI), compress_level=1)
-    return atomic_write_bytes(out, buf.getvalue(), overwrite=True)
-
-
-#: height in pixels of one row of :func:`qc_overlay` (2.3 inches at the figures' 110 dpi).
-_QC_ROW_PX = 253
+    return atomic_write_bytes(out, buf.getvalue(), overwrite=True)  # replaces, as _save does
 
 
 def _checker_slice(a: np.ndarray, b: np.ndarray, axis: int, index: int, tiles: int,
                    win_a: tuple[float, float], win_b: tuple[float, float]) -> np.ndarray:
-    """``display_slice(checkerboard(a, b, tiles), axis, index)`` without the whole volume.
-
-    ``win_a`` / ``win_b`` are the display windows of the whole ``a`` / ``b`` (:func:`_window`),
-    the normalisation :func:`checkerboard` applies.
-    """
+    """``display_slice(checkerboard(a, b, tiles), axis, index)`` from ``a`` and ``b``'s
+    display windows (:func:`_window` of the whole volumes), without the whole volume."""
     def unit(v, win):
         return np.clip((display_slice(v, axis, index).astype(np.float64) - win[0]) /
                        (win[1] - win[0]), 0.0, 1.0)
 
-    h, v = _other(axis)  # drawn horizontally (columns) and vertically (rows)
+    h, v = [a for a in range(3) if a != axis]  # drawn horizontally (columns), vertically
     tile = [(np.arange(n) * int(tiles)) // max(n, 1) for n in a.shape]
     parity = tile[axis][index] + tile[h][None, :] + tile[v][:, None]
     return np.where(parity % 2 == 0, unit(a, win_a), unit(b, win_b))
 
 
-def _other(axis: int) -> list[int]:
-    """The two array axes of a slice perpendicular to ``axis``."""
-    return [a for a in range(3) if a != axis]
-
-
 def _qc_font(size: int):
     """Pillow's built-in scalable font at ``size`` pixels (its bitmap font without FreeType)."""
     from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size)
     except (TypeError, ImportError, OSError):  # Pillow < 10.1 or built without FreeType
