@@ -43,19 +43,27 @@ def stage(stages: dict[str, float], name: str):
 
 
 def timed_call(stages: dict[str, float], name: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, its wall time added to ``stages[name]`` (seconds)."""
     with stage(stages, name):
         return fn(*args, **kwargs)
 
 
 def write_products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.ndarray,
-              space: ModelSpace, fix: Volume, mov: Volume, seg: Volume | None,
-              paths: dict[str, Path], overwrite: bool, model_name: str):
+                   space: ModelSpace, fix: Volume, mov: Volume, seg: Volume | None,
+                   paths: dict[str, Path], overwrite: bool, model_name: str):
     """Every output of the prediction ``u`` ``(3, G0, G1, G2)`` (model voxels), written.
 
     The independent pieces run on ``pool``: the Jacobian (model grid, then onto the fixed grid)
     and the moving image on the fixed grid (the QC's "before") while the displacement is taken
     to the fixed grid; then the warps, the gzip writes and the QC figure. Each task's own time
     goes into ``stages`` (they overlap, so they add up to more than the wall time).
+
+    Args:
+        pool: the thread pool to run on; stages: ``{name: seconds}`` to add the times to.
+        u: ``(3, G0, G1, G2)`` float32 displacement in voxels of the model grid ``space``.
+        fix, mov, seg: the fixed image, moving image and moving label map (or None).
+        paths: ``{product: path}`` (keys of :data:`mambamorph.register.OUTPUT_NAMES`).
+        overwrite: replace existing files; model_name: for the QC figure's title.
 
     Returns:
         ``(written, det_model, folding_percent, disp)``: ``{product: path}`` of the files
@@ -69,15 +77,15 @@ def write_products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.nda
     def jacobian():
         det = timed_call(stages, "jacobian (model grid)", jacobian_determinant, u)
         jac = timed_call(stages, "jacobian to fixed grid", resample_array, det, space.affine,
-                          fix.affine, fix.shape, order=1, cval=1.0)
+                         fix.affine, fix.shape, order=1, cval=1.0)
         path = timed_call(stages, "write jacobian", write_volume, paths["jacobian"],
-                           jac.astype(np.float32), like=fix, overwrite=overwrite)
+                          jac.astype(np.float32), like=fix, overwrite=overwrite)
         return det, path
 
     def warp_and_write(key, volume, order):
         arr = timed_call(stages, f"warp {key}", warp_to_fixed, volume, disp, fix, order=order)
         return arr, timed_call(stages, f"write {key}", write_volume, paths[key], arr, like=fix,
-                                overwrite=overwrite)
+                               overwrite=overwrite)
 
     j_jac = pool.submit(jacobian)
     j_before = pool.submit(timed_call, stages, "moving to fixed grid (QC)", resample_array,
