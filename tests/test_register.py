@@ -379,3 +379,19 @@ def test_cuda_matches_cpu(data, tmp_path):
     a = io.read_volume(cpu.files["warped"]).data.numpy()
     b = io.read_volume(gpu.files["warped"]).data.numpy()
     np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(a).max())
+
+
+def test_qc_checkerboard_slices_match_the_volume_checkerboard():
+    """The QC figure's checkerboard panels are slices of :func:`viz.checkerboard` of the volumes."""
+    from mambamorph import viz
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((20, 23, 17)) * 5, rng.random((20, 23, 17)) * 3 + 1
+    a[:3] = 0  # background, left out of the display window
+    for tiles in (2, 5):
+        cb = viz.checkerboard(a, b, tiles=tiles)
+        for axis in range(3):
+            for index in (0, 7, 16):
+                np.testing.assert_array_equal(
+                    viz._checker_slice(a, b, axis, index, tiles, viz._window(a), viz._window(b)),
+                    viz.display_slice(cb, axis, index))

@@ -53,6 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,9 +66,8 @@ from mambamorph.checkpoint import load_model
 from mambamorph.models import predict
 from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
-from mambamorph.io import (Volume, atomic_write_bytes, read_labels, read_volume,
-                           write_itk_displacement, write_volume)
-from mambamorph.metrics import folding_percent, jacobian_determinant
+from mambamorph.io import Volume, atomic_write_bytes, read_labels, read_volume
+from mambamorph.register_products import WORKERS, stage, write_products
 from mambamorph.runtime import Timer, resolve_device
 
 __all__ = [
@@ -255,7 +255,8 @@ def displacement_to_fixed(flow: torch.Tensor | np.ndarray, space: ModelSpace,
     if u.shape != (3, *space.shape):
         raise InputError(f"displacement of shape {u.shape}, expected (3, {space.shape}) on the "
                          f"model grid")
-    world = np.einsum("ij,j...->i...", space.affine[:3, :3], u.astype(np.float64))
+    # float32 like the network's output (scipy interpolates in float64 either way)
+    world = np.einsum("ij,j...->i...", space.affine[:3, :3].astype(np.float32), u)
     out = np.empty((*fixed.shape, 3), dtype=np.float32)
     for i in range(3):
         out[..., i] = resample_array(world[i], space.affine, fixed.affine, fixed.shape,
@@ -326,6 +327,8 @@ class RegistrationResult:
         folding_percent: % of model-grid voxels with a Jacobian determinant <= 0.
         jacobian_range: ``(min, max)`` determinant over the model grid.
         max_displacement_mm: largest displacement length on the fixed grid, mm.
+        seconds_stages: wall time of each stage, s (the stages after the network run side by
+            side on threads: "products (wall)" is their total wall time).
     """
 
     out_dir: Path
@@ -340,6 +343,7 @@ class RegistrationResult:
     folding_percent: float = float("nan")
     jacobian_range: tuple[float, float] = (float("nan"), float("nan"))
     max_displacement_mm: float = float("nan")
+    seconds_stages: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         grid = "x".join(str(g) for g in self.space.shape)
@@ -423,69 +427,59 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             unavailable device.
     """
     t_start = time.perf_counter()
+    stages: dict[str, float] = {}
     out_dir = Path(out)
     paths = _outputs(out_dir, moving_seg is not None, overwrite)
     dev = resolve_device(device)
     ckpt = _check_checkpoint_arg(model)
 
-    fix = read_volume(fixed)
-    mov = read_volume(moving)
-    seg = read_labels(moving_seg, check_table=False) if moving_seg is not None else None
-    if seg is not None and (seg.shape != mov.shape or not np.allclose(seg.affine, mov.affine,
-                                                                      atol=1e-3)):
-        log.warning("%s: grid differs from the moving image's %s; it is sampled through its own "
-                    "affine", seg.path, mov.path)
-    net, info = load_model(ckpt, dev)
-    space, defaulted = model_space_from_meta(fix, info.get("meta", {}), str(ckpt))
-    multiple = int(getattr(net, "size_multiple", 1))
-    if any(g % multiple for g in space.shape):
-        raise InputError(f"{ckpt}: grid {list(space.shape)} of the checkpoint's meta is not a "
-                         f"multiple of {multiple}, which model {info['model']!r} needs")
-    _warn_outside(fix, space)
-
-    # model space: min-max over the whole volume (as training), then resample (0 = minimum)
-    mov_m = resample_array(minmax(mov.data.numpy()), mov.affine, space.affine, space.shape, 1)
-    fix_m = resample_array(minmax(fix.data.numpy()), fix.affine, space.affine, space.shape, 1)
-    if not mov_m.any():
-        raise InputError(f"{mov.path}: does not overlap the model grid around the fixed "
-                         f"image's centre; the pair must be roughly aligned in world "
-                         f"coordinates (run a rigid registration first)")
-    mov_t, fix_t = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(dev)
-                    for a in (mov_m, fix_m))  # (G0, G1, G2) -> (1, 1, G0, G1, G2)
-    with torch.no_grad(), Timer(dev) as timer:
-        flow = predict(net, mov_t, fix_t).flow
-    u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
-    if not np.all(np.isfinite(u)):
-        raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
-    det_model = jacobian_determinant(u)
-    fold = folding_percent(u)
-
-    disp = displacement_to_fixed(u, space, fix)  # (D0, D1, D2, 3) RAS mm
-    warped = warp_to_fixed(mov, disp, fix, order=1)
-    warped_seg = warp_to_fixed(seg, disp, fix, order=0) if seg is not None else None
-    jac = resample_array(det_model, space.affine, fix.affine, fix.shape, order=1, cval=1.0)
-    before = resample_array(mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
-
-    written: dict[str, Path] = {}
-    written["warped"] = write_volume(paths["warped"], warped, like=fix, overwrite=overwrite)
-    if warped_seg is not None:
-        written["warped_seg"] = write_volume(paths["warped_seg"], warped_seg, like=fix,
-                                             overwrite=overwrite)
-    written["displacement"] = write_itk_displacement(paths["displacement"], disp, like=fix,
-                                                     overwrite=overwrite)
-    written["jacobian"] = write_volume(paths["jacobian"], jac.astype(np.float32), like=fix,
-                                       overwrite=overwrite)
-    from mambamorph.viz import qc_overlay
-
-    written["qc"] = qc_overlay(fix.data.numpy(), warped, paths["qc"], moving=before,
-                               spacing=fix.spacing, title=f"{mov.path.name} -> "
-                               f"{fix.path.name} ({info['model']}, folding {fold:.2f} %)")
+    with ThreadPoolExecutor(WORKERS) as pool:
+        # the model (and the numba kernels it runs) loads on a worker thread while the inputs
+        # are read here: gzip, nibabel and safetensors release the GIL for most of their time
+        with stage(stages, "read inputs + load model"):
+            j_net = pool.submit(_load_network, ckpt, dev)
+            fix = read_volume(fixed)
+            mov = read_volume(moving)
+            seg = read_labels(moving_seg, check_table=False) if moving_seg is not None else None
+            net, info = j_net.result()
+        if seg is not None and (seg.shape != mov.shape or
+                                not np.allclose(seg.affine, mov.affine, atol=1e-3)):
+            log.warning("%s: grid differs from the moving image's %s; it is sampled through "
+                        "its own affine", seg.path, mov.path)
+        with stage(stages, "model space + resample to it"):
+            space, defaulted = model_space_from_meta(fix, info.get("meta", {}), str(ckpt))
+            multiple = int(getattr(net, "size_multiple", 1))
+            if any(g % multiple for g in space.shape):
+                raise InputError(f"{ckpt}: grid {list(space.shape)} of the checkpoint's meta is "
+                                 f"not a multiple of {multiple}, which model {info['model']!r} "
+                                 f"needs")
+            _warn_outside(fix, space)
+            # min-max over the whole volume (as training), then resample (0 = minimum)
+            mov_m, fix_m = pool.map(
+                lambda v: resample_array(minmax(v.data.numpy()), v.affine, space.affine,
+                                         space.shape, 1), (mov, fix))
+        if not mov_m.any():
+            raise InputError(f"{mov.path}: does not overlap the model grid around the fixed "
+                             f"image's centre; the pair must be roughly aligned in world "
+                             f"coordinates (run a rigid registration first)")
+        mov_t, fix_t = (torch.from_numpy(np.ascontiguousarray(a, np.float32))[None, None].to(dev)
+                        for a in (mov_m, fix_m))  # (G0, G1, G2) -> (1, 1, G0, G1, G2)
+        with torch.no_grad(), Timer(dev) as timer:
+            flow = predict(net, mov_t, fix_t).flow
+        stages["network"] = timer.seconds
+        u = flow.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
+        if not np.all(np.isfinite(u)):
+            raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
+        with stage(stages, "products (wall)"):
+            written, det_model, fold, disp = write_products(pool, stages, u, space, fix, mov, seg,
+                                                       paths, overwrite, str(info["model"]))
     result = RegistrationResult(
         out_dir=out_dir, files=written, checkpoint=ckpt, model=str(info["model"]),
         device=str(dev), space=space, defaulted=defaulted, seconds_predict=timer.seconds,
-        folding_percent=float(fold),
+        folding_percent=fold,
         jacobian_range=(float(det_model.min()), float(det_model.max())),
-        max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()))
+        max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()),
+        seconds_stages=stages)
     written["record"] = paths["record"]  # listed in the record itself
     result.seconds_total = time.perf_counter() - t_start
     record = _record(result, mov, fix, seg)
@@ -493,6 +487,29 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                        overwrite=overwrite)
     log.info("%s", result)
     return result
+
+
+def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]:
+    """:func:`~mambamorph.checkpoint.load_model`, then the numba scan kernels if it uses them.
+
+    Importing numba and loading the cached kernels took 0.48 s of CPU here; run here (on a
+    worker thread, while the inputs are read and resampled) it is off the network's clock.
+    """
+    net, info = load_model(ckpt, dev)
+    from mambamorph.nn.mamba import Mamba
+    from mambamorph.nn.ssm import resolve_impl
+
+    if any(isinstance(m, Mamba) and resolve_impl(m.scan_impl, dev) == "cpu"
+           for m in net.modules()):
+        from mambamorph.nn.ssm.cpu import selective_scan_cpu
+
+        e, n, length = 2, 2, 3  # a tiny float32 problem: loads the kernels the network runs
+        with torch.no_grad():
+            selective_scan_cpu(torch.zeros(1, e, length), torch.zeros(1, e, length),
+                               -torch.ones(e, n), torch.zeros(1, n, length),
+                               torch.zeros(1, n, length), torch.zeros(e),
+                               torch.zeros(1, e, length), torch.zeros(e), True)
+    return net, info
 
 
 def _warn_outside(fixed: Volume, space: ModelSpace) -> None:
@@ -523,6 +540,7 @@ def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | Non
                         "defaulted": res.defaulted},
         "seconds_total": round(res.seconds_total, 4),
         "seconds_predict": round(res.seconds_predict, 4),
+        "seconds_stages": {k: round(v, 4) for k, v in res.seconds_stages.items()},
         "folding_percent": res.folding_percent,
         "jacobian_min": res.jacobian_range[0], "jacobian_max": res.jacobian_range[1],
         "max_displacement_mm": res.max_displacement_mm,
