@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from mambamorph.config import load_train_config
     from mambamorph.data.phantom import build_phantom
     from mambamorph.errors import MambaMorphError
-    from mambamorph.evaluate import run_evaluation
+    from mambamorph.evaluation import run_evaluation
     from mambamorph.train import train
 
     out = Path(args.out)

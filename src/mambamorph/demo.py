@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
         from_scratch: ignore the shipped phantom weights (train from random initialisation).
     """
     from mambamorph.data.phantom import build_phantom
-    from mambamorph.evaluate import run_evaluation
+    from mambamorph.evaluation import run_evaluation
     from mambamorph.train import train
 
     recipe = QUICK if quick else FULL

@@ -21,7 +21,8 @@ import torch
 
 from mambamorph.errors import InputError
 
-__all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory"]
+__all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory",
+           "peak_memory", "warmup_crop", "GB"]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -234,3 +235,93 @@ def _maxrss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
     except (ImportError, OSError):
         return 0
+
+
+# ------------------------------------------------------------------ one figure of peak memory
+#: bytes per GB: the one memory unit of bench and evaluate (decimal, as the paper's tables).
+GB = 1e9
+
+#: grid of the small warm-up call that bench and evaluate make before a measured one on a CPU.
+WARMUP_GRID = (32, 32, 32)
+
+
+def warmup_crop(x: torch.Tensor, grid: tuple[int, int, int] = WARMUP_GRID) -> torch.Tensor:
+    """The centre crop of a ``(B, C, D0, D1, D2)`` volume to ``grid`` (each dim at most the
+    volume's): the input of a cheap warm-up call before a measured one."""
+    starts = [(n - min(n, g)) // 2 for n, g in zip(x.shape[2:], grid)]
+    return x[(..., *(slice(s, s + min(n, g)) for s, n, g in zip(starts, x.shape[2:], grid)))]
+
+
+def peak_memory(make_fn: Callable[[torch.device], Callable[..., Any]], args: tuple,
+                device=None, warmup_args: tuple | None = None) -> tuple[int, str]:
+    """Peak memory of one call ``fn(*args)`` with ``fn = make_fn(device)``: the one way bench and
+    evaluate measure the memory of a model or a registration method.
+
+    The call is made once untimed, after one warm-up call ``fn(*warmup_args)`` (default: ``args``)
+    that pays one-time costs (kernel loading, thread pools, cuDNN autotuning):
+
+    - CUDA, in this process: :class:`PeakMemory`'s ``max_memory_allocated`` during the call, an
+      absolute figure (weights, inputs and activations); the allocator's peak statistics make it
+      independent of earlier work.
+    - CPU, in a fresh Python process (``multiprocessing`` "spawn", same number of torch threads):
+      the peak resident set above its size at the call's start (weights, inputs and the warm-up
+      already there; free heap handed back to the OS first). In a long-lived process the same
+      figure depends on what ran before (the C allocator's state after earlier, larger work
+      changes how much of a call's memory is fresh pages; docs/results.md has the figures), so
+      it is not measured there. This needs ``make_fn`` and the arguments to pickle (module-level functions, a
+      ``functools.partial`` of one, CPU tensors); otherwise the call is measured in this process
+      after releasing free heap memory, with a warning that the figure may depend on earlier
+      work.
+
+    Args:
+        make_fn: ``make_fn(device) -> fn`` prepares the work (loads weights) on ``device``.
+        args: arguments of the measured call (tensors on ``device``; CPU tensors for the CPU).
+        device: where it runs (``None``: CPU).
+        warmup_args: arguments of the warm-up call (e.g. a small crop); default ``args``.
+    Returns:
+        ``(bytes, kind)``: the peak in bytes and ``"GPU allocated"`` or ``"CPU RSS"``.
+    """
+    dev = _device(device)
+    warm = args if warmup_args is None else warmup_args
+    if dev.type == "cpu":
+        import pickle
+
+        try:
+            pickle.dumps((make_fn, args, warm))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "peak memory measured in this process (the work does not pickle: %s); the "
+                "figure may depend on what ran before", e)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing
+
+            with ProcessPoolExecutor(max_workers=1,
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                peak = pool.submit(_peak_in_fresh_process, make_fn, args, warm,
+                                   torch.get_num_threads()).result()
+            return peak, "CPU RSS"
+    return _peak_of_call(make_fn(dev), args, warm, dev), (
+        "GPU allocated" if dev.type == "cuda" else "CPU RSS")
+
+
+def _peak_of_call(fn, args: tuple, warmup_args: tuple, device: torch.device) -> int:
+    """Warm-up call, then :class:`PeakMemory` of one call (see :func:`peak_memory`)."""
+    import gc
+
+    fn(*warmup_args)
+    gc.collect()
+    with PeakMemory(device, release_free=True) as mem:
+        result = fn(*args)
+        synchronize(device)
+    del result
+    return int(mem.peak_bytes)
+
+
+def _peak_in_fresh_process(make_fn, args: tuple, warmup_args: tuple, threads: int) -> int:
+    """Body of the spawned process of :func:`peak_memory` (CPU)."""
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+    return _peak_of_call(make_fn(cpu), args, warmup_args, cpu)
