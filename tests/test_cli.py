@@ -126,3 +126,28 @@ def test_bad_device_is_one_line_before_any_work(device, tiny_phantom, tmp_path, 
         assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
         assert out == "", (name, out)
     assert list(tmp_path.iterdir()) == []  # no run folder, output folder or table written
+
+
+def test_refusals_name_no_flag_but_the_cli_says_how(tiny_phantom, tmp_path, capsys):
+    """register and evaluate refuse to replace outputs with an OutputExistsError whose message
+    names the folder and no command-line flag; the CLI appends how to ask (--overwrite)."""
+    from mambamorph.demo import shipped_weights
+
+    vol = tiny_phantom / "vol"
+    ckpt = str(shipped_weights("voxelmorph")) + ".json"
+    reg, ev = tmp_path / "reg", tmp_path / "eval"
+    reg.mkdir()
+    ev.mkdir()
+    (reg / "warped.nii.gz").write_bytes(b"earlier result")
+    (ev / "notes.txt").write_text("mine")
+    for argv, folder in (
+            (["register", str(vol / "ph000_mr.nii.gz"), str(vol / "ph001_ct.nii.gz"),
+              "--model", ckpt, "--out", str(reg), "--device", "cpu"], reg),
+            (["evaluate", ckpt, "--data", str(tiny_phantom), "--pairs", "2", "--out", str(ev),
+              "--device", "cpu", "--quiet"], ev)):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and err.endswith(" (--overwrite replaces it)\n"), err
+        assert err.count("--") == 1 and "Traceback" not in err, err
+    assert (reg / "warped.nii.gz").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in ev.iterdir()) == ["notes.txt"]

@@ -17,7 +17,8 @@ __all__ = ["GRIDS", "ModelBenchRow", "bench_model", "TABLE_HEADER"]
 #: the two grids of the paper's setting: the CPU preset (2 mm) and full size (1 mm).
 GRIDS = {"cpu": (96, 112, 96), "full": (176, 208, 192)}
 
-TABLE_HEADER = ("| model | grid | params | s / pair | peak GB | device |", "|---|---|---|---|---|---|")
+TABLE_HEADER = ("| model | grid | params | s / pair | peak GB | device |",
+                "|---|---|---|---|---|---|")
 
 
 @dataclass

@@ -113,8 +113,8 @@ _NOTES = (
     "Jacobian determinant <= 0. Values are mean ± std over the pairs. Time: seconds per "
     "pair, device-synchronised, the first pair left out as warm-up. Memory: peak CUDA "
     "memory allocated (GPU) or growth of the resident set (CPU) during one registration "
-    "of the first pair, after a warm-up registration; on a CPU it is measured in a fresh "
-    "process, so it does not depend on what ran before. "
+    "of the largest pair, after a small warm-up registration; on a CPU it is measured in a "
+    "fresh process, so it does not depend on what ran before. "
     "Params: trainable parameters, millions.")
 
 
