@@ -29,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,17 +120,14 @@ def _progress_callback(progress, total: int):
 
 
 # --------------------------------------------------------------------------------- one method
-@dataclass
 class _Figures:
-    """What Fig. 2 needs from the first ``n`` pairs: warped moving images and Dice by method."""
+    """What Fig. 2 needs from the first ``n`` pairs: per pair, method name -> warped moving
+    image ``(D0, D1, D2)`` and method name -> mean Dice (%)."""
 
-    n: int
-    warped: list[dict[str, np.ndarray]] = field(default_factory=list)
-    dice: list[dict[str, float]] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.warped = [{} for _ in range(self.n)]
-        self.dice = [{} for _ in range(self.n)]
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.warped: list[dict[str, np.ndarray]] = [{} for _ in range(n)]
+        self.dice: list[dict[str, float]] = [{} for _ in range(n)]
 
 
 def _measure_memory(method: Method, pair: dict, spacing, device: torch.device
