@@ -1,10 +1,11 @@
 """Where and how work runs: device resolution, device description, synchronisation, a
-device-synchronised wall-clock ``Timer`` and a ``PeakMemory`` probe.
+device-synchronised wall-clock ``Timer``, a ``PeakMemory`` probe and ``peak_memory``, the one
+measure of a model's or a method's memory.
 
 Every command resolves its ``--device`` through :func:`resolve_device`, so an unknown or
 unavailable device is one :class:`~mambamorph.errors.InputError` everywhere; every figure of time
-or memory (bench, evaluate, register) is measured by :class:`Timer` and :class:`PeakMemory`, so
-they are measured one way.
+(bench, evaluate, register) is measured by :class:`Timer`, and every memory figure of bench and
+evaluate by :func:`peak_memory` (in GB, :data:`GB`), so they are measured one way.
 """
 
 from __future__ import annotations
