@@ -2,7 +2,7 @@
 
 Inference time per pair and peak memory of every registered model at the CPU preset
 (96x112x96) and at full size (176x208x192), then the selective-scan paths; the same as
-``mambamorph bench`` (code in :mod:`mambamorph.bench`). Prints figures, never pass/fail.
+``mambamorph bench`` (code in :mod:`mambamorph.benchmarks`). Prints figures, never pass/fail.
 """
 
 import sys

@@ -1,10 +1,10 @@
 """Selective-scan benchmark: ``python bench/bench_scan.py [--lengths ...] [--repeat N]``.
 
-The code lives in :mod:`mambamorph.nn.ssm.bench` so that ``mambamorph bench`` can use it from
+The code lives in :mod:`mambamorph.benchmarks.scan` so that ``mambamorph bench`` can use it from
 an installed package; this script is its command-line entry.
 """
 
-from mambamorph.nn.ssm.bench import main
+from mambamorph.benchmarks.scan import main
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     from mambamorph.config import load_train_config
     from mambamorph.data.phantom import build_phantom
     from mambamorph.errors import MambaMorphError
-    from mambamorph.evaluate import run_evaluation
+    from mambamorph.evaluation import run_evaluation
+    from mambamorph.io import atomic_write_text
     from mambamorph.train import train
 
     out = Path(args.out)
@@ -82,9 +83,10 @@ def main(argv=None) -> int:
 
         table = ["| model | steps | minutes | s / step | best validation Dice (step) |",
                  "|---|---|---|---|---|"] + rows
-        (out / "training.md").write_text(
-            f"Training: {args.config}, {args.minutes:g} min per model, seed {args.seed}, "
-            f"data {data}\n\n" + "\n".join(table) + "\n")
+        atomic_write_text(out / "training.md",
+                          f"Training: {args.config}, {args.minutes:g} min per model, seed "
+                          f"{args.seed}, data {data}\n\n" + "\n".join(table) + "\n",
+                          overwrite=True)
         print("\n".join(table))
 
         ants = not args.no_ants and importlib.util.find_spec("ants") is not None

@@ -96,3 +96,58 @@ def test_bench_quick_prints_tables(capsys, tmp_path):
     assert "| voxelmorph | 64x64x64 | 92,179 |" in text
     assert "| reference | 2,001 |" in text and "| cpu | 2,001 |" in text
     assert "voxelmorph" in out.read_text()
+
+
+_BAD_DEVICES = ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", _BAD_DEVICES)
+def test_bad_device_is_one_line_before_any_work(device, tiny_phantom, tmp_path, capsys):
+    """``--device bogus`` (or ``cuda`` without CUDA) on every command that takes it: one line
+    on stderr naming the device, exit code 2, no traceback, nothing written."""
+    from mambamorph.demo import shipped_weights
+
+    vol = tiny_phantom / "vol"
+    ckpt = str(shipped_weights("voxelmorph")) + ".json"
+    commands = {
+        "train": ["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--epochs", "1",
+                  "--steps", "1", "--val-pairs", "1", "--out", str(tmp_path / "run"), "--quiet"],
+        "evaluate": ["evaluate", ckpt, "--data", str(tiny_phantom), "--pairs", "2",
+                     "--out", str(tmp_path / "eval"), "--quiet"],
+        "bench": ["bench", "--quick", "--models", "voxelmorph", "--out",
+                  str(tmp_path / "bench.md")],
+        "register": ["register", str(vol / "ph000_mr.nii.gz"), str(vol / "ph001_ct.nii.gz"),
+                     "--model", ckpt, "--out", str(tmp_path / "reg")],
+    }
+    for name, argv in commands.items():
+        assert main([*argv, "--device", device]) == 2, name
+        out, err = capsys.readouterr()
+        assert err.startswith(f"mambamorph {name}: error: device {device!r}"), (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert out == "", (name, out)
+    assert list(tmp_path.iterdir()) == []  # no run folder, output folder or table written
+
+
+def test_refusals_name_no_flag_but_the_cli_says_how(tiny_phantom, tmp_path, capsys):
+    """register and evaluate refuse to replace outputs with an OutputExistsError whose message
+    names the folder and no command-line flag; the CLI appends how to ask (--overwrite)."""
+    from mambamorph.demo import shipped_weights
+
+    vol = tiny_phantom / "vol"
+    ckpt = str(shipped_weights("voxelmorph")) + ".json"
+    reg, ev = tmp_path / "reg", tmp_path / "eval"
+    reg.mkdir()
+    ev.mkdir()
+    (reg / "warped.nii.gz").write_bytes(b"earlier result")
+    (ev / "notes.txt").write_text("mine")
+    for argv, folder in (
+            (["register", str(vol / "ph000_mr.nii.gz"), str(vol / "ph001_ct.nii.gz"),
+              "--model", ckpt, "--out", str(reg), "--device", "cpu"], reg),
+            (["evaluate", ckpt, "--data", str(tiny_phantom), "--pairs", "2", "--out", str(ev),
+              "--device", "cpu", "--quiet"], ev)):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and err.endswith(" (--overwrite replaces it)\n"), err
+        assert err.count("--") == 1 and "Traceback" not in err, err
+    assert (reg / "warped.nii.gz").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in ev.iterdir()) == ["notes.txt"]

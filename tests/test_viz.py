@@ -142,3 +142,21 @@ def test_qc_overlay_and_jacobian_map(tmp_path):
     assert black_pixels(det, "jac.png") >= smooth + 3 * 4  # folded voxels are drawn black
     with pytest.raises(InputError, match="limit"):
         viz.jacobian_map(det, tmp_path / "jac2.png", limit=1.0)
+
+
+def test_figures_are_written_through_the_atomic_writer(tmp_path):
+    """A figure replaces an earlier one, creates its folder, leaves no temporary file, and a
+    failed write is a WriteError naming the file (the one writer of mambamorph.io)."""
+    from mambamorph.errors import WriteError
+
+    data = {"A": np.full((3, 16), 70.0)}
+    out = tmp_path / "new" / "box.png"
+    viz.roi_boxplots(data, out)
+    first = out.read_bytes()
+    out.write_bytes(b"stale")
+    assert viz.roi_boxplots(data, out) == out and out.read_bytes() == first
+    assert sorted(p.name for p in out.parent.iterdir()) == ["box.png"]
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(WriteError, match="box.png"):
+        viz.roi_boxplots(data, blocker / "box.png")

@@ -94,7 +94,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from mambamorph.evaluate import run_evaluation
+    from mambamorph.evaluation import run_evaluation
 
     summary = run_evaluation(checkpoints=a.checkpoints, data_root=a.data, manifest=a.manifest,
                              moving=a.moving, fixed=a.fixed, grid=a.grid, n_pairs=a.pairs,
@@ -115,7 +115,7 @@ def cmd_register(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from mambamorph.bench import run_bench
+    from mambamorph.benchmarks import run_bench
 
     run_bench(quick=a.quick, models=a.models, sizes=a.sizes, device=a.device, out=a.out)
     return 0

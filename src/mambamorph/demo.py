@@ -76,7 +76,7 @@ def _phantom_matches(data_dir: Path, recipe: DemoRecipe) -> bool:
 def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
              quick: bool = False, overwrite: bool = False, progress: bool = True,
              threads: int | None = None, from_scratch: bool = False, printer=print):
-    """Run the demo; returns the :class:`mambamorph.evaluate.EvalResult` of the test pairs.
+    """Run the demo; returns the :class:`mambamorph.evaluation.EvalResult` of the test pairs.
 
     Args:
         out: run folder; an existing non-empty folder is refused unless ``overwrite`` (a phantom
@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
         from_scratch: ignore the shipped phantom weights (train from random initialisation).
     """
     from mambamorph.data.phantom import build_phantom
-    from mambamorph.evaluate import run_evaluation
+    from mambamorph.evaluation import run_evaluation
     from mambamorph.io import prepare_output_dir
     from mambamorph.train import train
 

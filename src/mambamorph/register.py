@@ -384,14 +384,21 @@ def _check_checkpoint_arg(model: str | os.PathLike) -> Path:
 
 
 def _outputs(out_dir: Path, with_seg: bool, overwrite: bool) -> dict[str, Path]:
-    """Output paths, after checking that none exists (unless ``overwrite``)."""
+    """Output paths, after checking that none exists (unless ``overwrite``).
+
+    Raises:
+        InputError: ``out_dir`` is not a folder.
+        OutputExistsError: an output exists and ``overwrite`` is false.
+    """
+    from mambamorph.errors import OutputExistsError
+
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     names = {k: out_dir / v for k, v in OUTPUT_NAMES.items() if with_seg or k != "warped_seg"}
     existing = [p for p in names.values() if p.exists()]
     if existing and not overwrite:
-        raise InputError(f"{out_dir}: would overwrite {', '.join(p.name for p in existing)}; "
-                         f"pass overwrite=True (--overwrite) or choose another folder")
+        raise OutputExistsError(f"{out_dir}: would overwrite "
+                                f"{', '.join(p.name for p in existing)}; choose another folder")
     if not with_seg and (out_dir / OUTPUT_NAMES["warped_seg"]).exists():
         log.warning("%s: left in place from an earlier run (no moving segmentation given now)",
                     out_dir / OUTPUT_NAMES["warped_seg"])

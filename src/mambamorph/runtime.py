@@ -1,10 +1,11 @@
 """Where and how work runs: device resolution, device description, synchronisation, a
-device-synchronised wall-clock ``Timer`` and a ``PeakMemory`` probe.
+device-synchronised wall-clock ``Timer``, a ``PeakMemory`` probe and ``peak_memory``, the one
+measure of a model's or a method's memory.
 
 Every command resolves its ``--device`` through :func:`resolve_device`, so an unknown or
 unavailable device is one :class:`~mambamorph.errors.InputError` everywhere; every figure of time
-or memory (bench, evaluate, register) is measured by :class:`Timer` and :class:`PeakMemory`, so
-they are measured one way.
+(bench, evaluate, register) is measured by :class:`Timer`, and every memory figure of bench and
+evaluate by :func:`peak_memory` (in GB, :data:`GB`), so they are measured one way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from mambamorph.errors import InputError
 
-__all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory"]
+__all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory",
+           "peak_memory", "warmup_crop", "GB"]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -234,3 +236,194 @@ def _maxrss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
     except (ImportError, OSError):
         return 0
+
+
+# ------------------------------------------------------------------ one figure of peak memory
+#: bytes per GB: the one memory unit of bench and evaluate (decimal, as the paper's tables).
+GB = 1e9
+
+#: grid of the small warm-up call that bench and evaluate make before a measured one on a CPU.
+WARMUP_GRID = (32, 32, 32)
+
+
+def warmup_crop(x: torch.Tensor, grid: tuple[int, int, int] = WARMUP_GRID) -> torch.Tensor:
+    """The centre crop of a ``(B, C, D0, D1, D2)`` volume to ``grid`` (each dim at most the
+    volume's): the input of a cheap warm-up call before a measured one."""
+    starts = [(n - min(n, g)) // 2 for n, g in zip(x.shape[2:], grid)]
+    return x[(..., *(slice(s, s + min(n, g)) for s, n, g in zip(starts, x.shape[2:], grid)))]
+
+
+def peak_memory(make_fn: Callable[[torch.device], Callable[..., Any]], args: tuple,
+                device=None, warmup_args: tuple | None = None) -> tuple[int, str]:
+    """Peak memory of one call ``fn(*args)`` with ``fn = make_fn(device)``: the one way bench and
+    evaluate measure the memory of a model or a registration method.
+
+    The call is made once untimed, after one warm-up call ``fn(*warmup_args)`` (default: ``args``)
+    that pays one-time costs (kernel loading, thread pools, cuDNN autotuning):
+
+    - CUDA, in this process: :class:`PeakMemory`'s ``max_memory_allocated`` during the call, an
+      absolute figure (weights, inputs and activations); the allocator's peak statistics make it
+      independent of earlier work.
+    - CPU, in a fresh Python interpreter (same ``sys.path``, environment and torch threads,
+      glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the resident set):
+      the kernel's peak resident set (``VmHWM``, reset just before the call) above the resident
+      set at the call's start (weights, inputs and the warm-up already there), i.e. the peak of
+      the memory the call itself allocates. In a long-lived process the same
+      figure depends on what ran before (the C allocator's state after earlier, larger work
+      changes how much of a call's memory is fresh pages; docs/results.md has the figures), so
+      it is not measured there. This needs ``make_fn`` and the arguments to pickle
+      (module-level functions of an importable module, a ``functools.partial`` of one, CPU
+      tensors); otherwise the call is measured in this process after releasing free heap
+      memory, with a warning that the figure may depend on earlier work.
+
+    Args:
+        make_fn: ``make_fn(device) -> fn`` prepares the work (loads weights) on ``device``.
+        args: arguments of the measured call (tensors on ``device``; CPU tensors for the CPU).
+        device: where it runs (``None``: CPU).
+        warmup_args: arguments of the warm-up call (e.g. a small crop); default ``args``.
+    Returns:
+        ``(bytes, kind)``: the peak in bytes and ``"GPU allocated"`` or ``"CPU RSS"``.
+    """
+    dev = _device(device)
+    warm = args if warmup_args is None else warmup_args
+    kind = "GPU allocated" if dev.type == "cuda" else "CPU RSS"
+    if dev.type == "cpu":
+        peak = _peak_in_fresh_process(make_fn, args, warm)
+        if peak is not None:
+            return peak, kind
+    return _peak_of_call(make_fn(dev), args, warm, dev), kind
+
+
+def _peak_of_call(fn, args: tuple, warmup_args: tuple, device: torch.device) -> int:
+    """Warm-up call, then :class:`PeakMemory` of one call (see :func:`peak_memory`)."""
+    import gc
+
+    fn(*warmup_args)
+    gc.collect()
+    with PeakMemory(device, release_free=True) as mem:
+        result = fn(*args)
+        synchronize(device)
+    del result
+    return int(mem.peak_bytes)
+
+
+#: glibc settings of the measuring process: a fixed mmap threshold (no dynamic raising), so every
+#: allocation of 64 KiB or more is its own mapping, returned to the OS when freed, and the
+#: resident set follows the live memory (repeat measurements then agree to about 0.1 %;
+#: with glibc's dynamic threshold they spread by about 15 %). Ignored by other C libraries.
+_CHILD_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+_CHILD = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+          "from mambamorph.runtime import _fresh_process_main; _fresh_process_main(sys.argv[2])")
+
+
+def _peak_in_fresh_process(make_fn, args: tuple, warmup_args: tuple) -> int | None:
+    """:func:`_peak_of_call` in a new Python interpreter (same ``sys.path``, environment and
+    torch threads); the work travels pickled through a temporary file. Returns None (after a
+    warning) when the work cannot be rebuilt there (it does not pickle, or its function lives
+    in a script's ``__main__``); re-raises the child's exception otherwise."""
+    import json
+    import logging
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    try:
+        payload = pickle.dumps((make_fn, args, warmup_args, torch.get_num_threads()))
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        reason = f"it does not pickle: {e}"
+    else:
+        with tempfile.TemporaryDirectory(prefix="mambamorph-peak-") as tmp:
+            job = os.path.join(tmp, "job.pkl")
+            with open(job, "wb") as fh:
+                fh.write(payload)
+            del payload
+            proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(sys.path), job],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env={**os.environ, **_CHILD_MALLOC})
+            try:
+                with open(job + ".out", "rb") as fh:
+                    status, value = pickle.load(fh)
+            except (OSError, EOFError, pickle.UnpicklingError):
+                tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"peak-memory process ended with code {proc.returncode} "
+                                   f"without a result: {' | '.join(tail)}") from None
+        if status == "ok":
+            return int(value)
+        if status == "error":
+            raise value
+        reason = f"it cannot be rebuilt in a new process: {value}"
+    logging.getLogger(__name__).warning(
+        "peak memory measured in this process (%s); the figure may depend on what ran before",
+        reason)
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process to its current RSS (Linux
+    4.0+: ``/proc/self/clear_refs``); True if done. Only the measuring process does this (it
+    also resets what ``getrusage`` reports as the process's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    """The kernel's peak-RSS mark (``VmHWM`` of ``/proc/self/status``) in bytes, or None."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_of_call_exact(fn, args: tuple, warmup_args: tuple) -> int:
+    """:func:`_peak_of_call` on a CPU from the kernel's peak-RSS mark (exact, no sampling) where
+    it can be reset; the sampling :class:`PeakMemory` otherwise."""
+    import gc
+
+    fn(*warmup_args)
+    gc.collect()
+    _release_free_heap()
+    start = _rss_bytes()
+    if start is None or not _reset_peak_rss():
+        with PeakMemory("cpu", release_free=False) as mem:
+            result = fn(*args)
+        return int(mem.peak_bytes)
+    result = fn(*args)
+    peak = _peak_rss_bytes()
+    del result
+    return max((peak or 0) - start, 0)
+
+
+def _fresh_process_main(job: str) -> None:
+    """Entry of the process that :func:`_peak_in_fresh_process` starts."""
+    import pickle
+
+    with open(job, "rb") as fh:
+        raw = fh.read()
+    try:
+        make_fn, args, warmup_args, threads = pickle.loads(raw)
+    except Exception as e:  # noqa: BLE001 (e.g. a function defined in the parent's __main__)
+        result = ("unpicklable", f"{type(e).__name__}: {e}")
+    else:
+        del raw
+        torch.set_num_threads(threads)
+        cpu = torch.device("cpu")
+        try:
+            result = ("ok", _peak_of_call_exact(make_fn(cpu), args, warmup_args))
+        except Exception as e:  # noqa: BLE001 (handed to the parent, which re-raises it)
+            result = ("error", e)
+    try:
+        data = pickle.dumps(result)
+    except Exception:  # noqa: BLE001 (an exception that does not pickle: keep its text)
+        data = pickle.dumps(("error", RuntimeError(f"{type(result[1]).__name__}: {result[1]}")))
+    with open(job + ".out", "wb") as fh:
+        fh.write(data)

@@ -24,7 +24,6 @@ Label maps passed to these functions hold FreeSurfer ids (the 16-ROI table of
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -227,22 +226,16 @@ def _new_figure(width: float, height: float):
 
 
 def _save(fig, out_png) -> Path:
-    """Write ``fig`` to ``out_png`` atomically (temporary file + rename) and return the path."""
+    """Write ``fig`` to ``out_png`` atomically (:func:`mambamorph.io.atomic_write_bytes`,
+    replacing an existing file) and return the path."""
+    from mambamorph.io import atomic_write_bytes
+
     out = Path(out_png)
     if out.suffix.lower() != ".png":
         raise InputError(f"{out}: expected a .png file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, facecolor=fig.get_facecolor())
-    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:  # plain open: the file gets the usual umask permissions
-            f.write(buf.getvalue())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write_bytes(out, buf.getvalue(), overwrite=True)
 
 
 def _orientation_letters(ax, axis: int, colour: str = "#ffd700") -> None:

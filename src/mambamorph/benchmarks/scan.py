@@ -7,22 +7,22 @@ size (176 x 208 x 192). For every path and length this prints the time of a forw
 (reference time / path time).
 
 The reference is a Python loop over tokens, so it is timed once per length, not ``repeat``
-times; and its forward + backward (whose autograd graph grows by about 60 kB per token) is only
+times; and its forward + backward (whose autograd graph grows with every token) is only
 run up to ``reference_grad_max_length`` tokens and extrapolated linearly beyond (the table says
 which figures are extrapolated). It runs with one PyTorch thread: its per-step tensors
-(B x E x N values) are too small to gain from more, and on a machine shared with other jobs two
-threads made it up to 250x slower (threads spinning at barriers), which would flatter the
-other paths. The time of the first call of the numba path (compilation, or
-loading the compiled kernels from numba's cache) is reported separately.
+(B x E x N values) are too small to gain from more, and on a machine shared with other jobs more
+threads made it much slower (threads spinning at barriers), which would flatter the other
+paths. The time of the first call of the numba path (compilation, or loading the compiled
+kernels from numba's cache) is reported separately.
 
 Usage::
 
     python bench/bench_scan.py [--lengths 16128 109824] [--repeat 3] [--paths reference cpu torch]
-    (or python -m mambamorph.nn.ssm.bench ...; `mambamorph bench` prints it after the models)
+    (or python -m mambamorph.benchmarks.scan ...; `mambamorph bench` prints it after the models)
 
 or, from Python, ``run(lengths, channels=192, state=16, repeat=3)`` -> list of row dicts.
 Times are wall-clock seconds on whatever else the machine is doing: on a shared machine they
-are upper bounds.
+are upper bounds. Measured figures: docs/results.md.
 """
 
 from __future__ import annotations
