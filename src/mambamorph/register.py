@@ -62,7 +62,7 @@ import torch
 from scipy import ndimage as ndi
 
 from mambamorph import __version__
-from mambamorph.checkpoint import load_model
+from mambamorph.checkpoint import checkpoint_stem, load_model
 from mambamorph.models import predict
 from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
@@ -366,7 +366,7 @@ class RegistrationResult:
 def _check_checkpoint_arg(model: str | os.PathLike) -> Path:
     """A checkpoint path; a bare model name gets a message that says what to pass instead."""
     p = Path(model)
-    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    stem = checkpoint_stem(p)
     if not (stem.with_suffix(".json").exists() or stem.with_suffix(".safetensors").exists()):
         from mambamorph.models.registry import list_models
 

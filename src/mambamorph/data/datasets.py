@@ -565,7 +565,7 @@ def open_dataset(data, split: str, seed: int = 0):
                                         fixed=data.fixed, grid=grid, seed=seed,
                                         split_file=data.split_file)
     if not data.root:
-        raise InputError("no training data: give a dataset folder (--data DIR) or a manifest "
-                         "(--manifest CSV); `mambamorph data phantom --out DIR` builds one")
+        raise InputError("no data: give a dataset folder (SR-Reg layout) or a CSV manifest; "
+                         "`mambamorph data phantom` builds a phantom dataset folder")
     return SRRegDataset(data.root, split=split, split_file=data.split_file, seed=seed,
                                  moving=data.moving, fixed=data.fixed, grid=grid)

@@ -139,7 +139,9 @@ def identity_method(name: str = "Initial") -> Method:
 # --------------------------------------------------------------------------------- checkpoint
 def _checkpoint_label(path: Path) -> str:
     """A short label for a checkpoint: its run folder for ``<run>/checkpoints/<stem>``."""
-    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    from mambamorph.checkpoint import checkpoint_stem
+
+    stem = checkpoint_stem(path)
     if stem.parent.name == "checkpoints" and stem.parent.parent.name:
         return f"{stem.parent.parent.name}/{stem.name}"
     return stem.name
