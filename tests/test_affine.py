@@ -85,6 +85,54 @@ def _error(found, truth, fixed):
     return angle, dist.mean()
 
 
+# ------------------------------------------------------------------- numerical pieces
+def test_sample_matches_scipy_trilinear():
+    rng = np.random.default_rng(0)
+    img = rng.random((7, 9, 6)).astype(np.float32)
+    vox = rng.uniform(-1.0, [7.0, 9.0, 6.0], size=(400, 3))
+    got, inside = aff._sample(torch.from_numpy(img), torch.from_numpy(vox).float())
+    want = ndi.map_coordinates(img, vox.T, order=1, mode="constant", cval=0.0)
+    ok = np.all((vox >= 0) & (vox <= np.array(img.shape) - 1), axis=1)
+    np.testing.assert_array_equal(inside.numpy(), ok)
+    np.testing.assert_allclose(got.numpy()[ok], want[ok], atol=1e-5)
+    assert np.all(got.numpy()[~ok] == 0)
+    pts = torch.tensor([[2.3, 4.6, 1.2]], dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda p: aff._sample(torch.from_numpy(img).double(), p)[0], pts)
+
+
+def test_mutual_information_analytic_cases():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.random(20000))
+    w = aff._parzen(x, 16)
+    np.testing.assert_allclose(w.sum(1).numpy(), 1.0)
+    mask = torch.ones(len(x), dtype=torch.float64)
+    # hard (one-hot) bins: I(K; K) is the entropy of K; K and an independent L share nothing
+    k = torch.from_numpy(rng.integers(0, 16, 20000))
+    hot = torch.nn.functional.one_hot(k, 16).double()
+    p = np.bincount(k.numpy(), minlength=16) / len(k)
+    assert -float(aff._neg_mi(hot, hot, mask)) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    other = torch.nn.functional.one_hot(torch.from_numpy(rng.integers(0, 16, 20000)), 16)
+    assert -float(aff._neg_mi(hot, other.double(), mask)) < 0.01
+    half = mask.clone()
+    half[10000:] = 0  # masked samples do not count
+    assert -float(aff._neg_mi(hot, torch.cat([hot[:10000], other[10000:].double()]), half)) \
+        == pytest.approx(-float(aff._neg_mi(hot[:10000], hot[:10000], mask[:10000])), rel=1e-9)
+    # Parzen weights: a reversed contrast (1 - x) carries the same information
+    same = -float(aff._neg_mi(w, w, mask))
+    inverted = -float(aff._neg_mi(w, aff._parzen(1 - x, 16), mask))  # a contrast change
+    assert inverted == pytest.approx(same, rel=1e-6)
+    shuffled = -float(aff._neg_mi(w, aff._parzen(x[torch.randperm(len(x))], 16), mask))
+    assert shuffled < 0.01 < 0.5 * same
+
+
+def test_rotation_vector_matches_scipy():
+    from scipy.spatial.transform import Rotation
+
+    r = np.array([0.3, -0.2, 0.5])
+    np.testing.assert_allclose(aff._rotation(torch.from_numpy(r)).numpy(),
+                               Rotation.from_rotvec(r).as_matrix(), atol=1e-12)
+
+
 # ------------------------------------------------------------------------------ recovery
 def test_recovers_known_rotation_and_shift():
     truth = _rigid((1.0, -0.5, 0.3), 12.0, (6.0, -4.0, 5.0), centre=(2.0, 1.0, -1.0))

@@ -11,8 +11,8 @@ Method (:func:`align_affine`):
    two images (:func:`mambamorph.register.foreground_centre`); rotations and scalings are about
    ``c_f``.
 2. **Rigid** (6 parameters: rotation about ``c_f`` + translation), then **affine** (12), each
-   multi-resolution (``levels`` shrink factors, coarse to fine, default 4 then 2; Gaussian
-   averaging over ``s``-voxel blocks at shrink ``s > 1``), optimised by Adam in torch on a
+   multi-resolution (``levels`` shrink factors, coarse to fine, default 4 then 2; images
+   averaged over blocks of ``s**3`` voxels at shrink ``s > 1``), optimised by Adam in torch on a
    modality-independent metric: mutual information of a Gaussian Parzen-window joint
    histogram of the fixed and the (trilinearly sampled) moving intensities at a random share
    of the fixed voxels. Metric values are negative MI (lower is better). The choice of this
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from mambamorph.errors import InputError
 from mambamorph.io import Volume
+from mambamorph.nn.spatial import identity_grid
 
 __all__ = ["AffineResult", "SCALE_BOUNDS", "MAX_ANISOTROPY", "align_affine",
            "check_linear", "compose_affine_displacement"]
@@ -316,7 +317,13 @@ def _rotation(r: torch.Tensor) -> torch.Tensor:
 
 
 class _Stages:
-    """Rigid / affine stages by Adam on a Parzen-window mutual information (float64 geometry)."""
+    """Rigid / affine stages by Adam on a Parzen-window mutual information (float64 geometry).
+
+    Per level of shrink ``s``: the fixed samples (world points relative to the fixed centre and
+    their Parzen weights) are drawn once; Adam steps start at ``0.5 s`` mm for the translation,
+    ``0.01 s`` rad for the rotation vector and ``0.005 s`` for the linear part's entries, and
+    decay to 0 (cosine) over ``iterations``.
+    """
 
     def __init__(self, moving, fixed, centre, levels, iterations, bins, sampling, seed):
         self.centre = torch.tensor(centre, dtype=torch.float64)
@@ -327,7 +334,7 @@ class _Stages:
         for s in levels:
             f_s, f_aff = _shrink(fx, fixed.affine, s)
             m_s, m_aff = _shrink(mv, moving.affine, s)
-            idx = torch.nonzero(torch.ones_like(f_s, dtype=torch.bool)).double()  # (N, 3)
+            idx = identity_grid(f_s.shape, dtype=torch.float64).reshape(3, -1).T  # (N, 3)
             n = idx.shape[0]
             keep = max(min(n, 512), int(round(sampling * n)))
             pick = torch.randperm(n, generator=gen)[:keep]
