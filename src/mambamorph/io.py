@@ -408,8 +408,8 @@ def write_itk_affine(path: str | os.PathLike, matrix_ras: np.ndarray,
     sampled (RAS mm, fixed -> moving: the direction ITK resampling expects). The file holds an
     ``AffineTransform_double_3_3`` in ITK's LPS convention (``F @ matrix_ras @ F`` with
     ``F = diag(-1, -1, 1, 1)``), centre 0, so ``sitk.Resample(moving, fixed,
-    sitk.ReadTransform(path))`` or ``antsApplyTransforms -i MOVING -r FIXED -t path``
-    reproduce the alignment.
+    sitk.ReadTransform(path))`` reproduces the alignment (tested); ANTs reads the same ITK
+    text format (``antsApplyTransforms -i MOVING -r FIXED -t path``; not tested here).
 
     Args:
         path: destination (``.tfm`` or ``.txt``, ITK's text transform format).
