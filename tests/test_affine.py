@@ -139,7 +139,9 @@ def test_recovers_known_rotation_and_shift():
     moving, fixed = _pair(truth)
     start_angle, start_dist = _error(np.eye(4), truth, fixed)
     assert start_angle > 11 and start_dist > 8
+    threads = torch.get_num_threads()
     res = aff.align_affine(moving, fixed, levels=(2, 1), sampling=0.2)
+    assert torch.get_num_threads() == threads  # the one-thread setting is restored
     assert res.stages == ["centre", "rigid", "affine"] and not res.warnings
     angle, dist = _error(res.rigid, truth, fixed)
     assert angle < 1.0 and dist < 1.0, (angle, dist)
