@@ -434,3 +434,39 @@ def write_itk_displacement(path: str | os.PathLike, disp_mm: np.ndarray, like: V
     img.header.set_slope_inter(1.0, 0.0)
     img.header.set_intent("vector", (), "")
     return _save(Path(path), img, overwrite)
+
+
+def write_itk_affine(path: str | os.PathLike, matrix_ras: np.ndarray,
+                     overwrite: bool = False) -> Path:
+    """Write a world affine transform as an ITK transform file (``.tfm`` / ``.txt``).
+
+    ``matrix_ras`` maps a fixed-world point to the moving-world point where the moving image is
+    sampled (RAS mm, fixed -> moving: the direction ITK resampling expects). The file holds an
+    ``AffineTransform_double_3_3`` in ITK's LPS convention (``F @ matrix_ras @ F`` with
+    ``F = diag(-1, -1, 1, 1)``), centre 0, so ``sitk.Resample(moving, fixed,
+    sitk.ReadTransform(path))`` reproduces the alignment (tested); ANTs reads the same ITK
+    text format (``antsApplyTransforms -i MOVING -r FIXED -t path``; not tested here).
+
+    Args:
+        path: destination (``.tfm`` or ``.txt``, ITK's text transform format).
+        matrix_ras: ``(4, 4)`` affine in RAS mm, last row ``(0, 0, 0, 1)``.
+        overwrite: replace an existing file.
+    Returns:
+        The path written.
+    Raises:
+        InputError: not a finite ``(4, 4)`` affine, or a name not ending in ``.tfm`` / ``.txt``.
+        OutputExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    m = _to_numpy(matrix_ras).astype(np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)) or not np.allclose(m[3], (0, 0, 0, 1)):
+        raise InputError(f"{path}: expected a finite (4, 4) affine with last row 0 0 0 1, got "
+                         f"shape {m.shape}")
+    if not str(path).endswith((".tfm", ".txt")):
+        raise InputError(f"{path}: an ITK transform file name must end with .tfm or .txt")
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ m @ flip
+    params = " ".join(repr(float(v)) for v in (*lps[:3, :3].ravel(), *lps[:3, 3]))
+    text = ("#Insight Transform File V1.0\n#Transform 0\n"
+            "Transform: AffineTransform_double_3_3\n"
+            f"Parameters: {params}\nFixedParameters: 0 0 0\n")
+    return atomic_write_text(path, text, overwrite=overwrite)
