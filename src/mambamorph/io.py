@@ -256,7 +256,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = Fals
 
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
                        owned: Callable[[Path], bool] | None = None,
-                       what: str = "output folder") -> Path:
+                       what: str = "output folder", create: bool = True) -> Path:
     """The one output-folder rule: create ``out_dir``, refusing a non-empty one unless asked.
 
     A missing or empty folder is created. A non-empty one is refused unless ``overwrite``; with
@@ -270,6 +270,8 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
         owned: ``owned(path) -> bool`` for each file under ``out_dir`` (recursively): True for
             files this job wrote earlier and may delete.
         what: how messages name the folder (``"run folder"``, ``"output folder"``).
+        create: create the folder (``False``: only check, delete and create nothing, to fail
+            early before the real work).
     Returns:
         ``out_dir`` as a ``Path``.
     Raises:
@@ -284,10 +286,12 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
         if not overwrite:
             raise OutputExistsError(f"{out}: {what} exists and is not empty; choose another "
                                     "folder")
-        if owned is not None:
+        if owned is not None and create:
             for f in sorted(out.rglob("*")):
                 if f.is_file() and owned(f):
                     f.unlink()
+    if not create:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -85,7 +85,7 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if not (run_dir / "checkpoints" / "last_state.json").exists():
             raise InputError(f"{run_dir}: nothing to resume (no checkpoints/last_state.json)")
     else:  # refuses a non-empty folder unless overwrite; deletes nothing yet
-        prepare_output_dir(run_dir, overwrite=overwrite, what="run folder")
+        prepare_output_dir(run_dir, overwrite=overwrite, what="run folder", create=False)
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -292,8 +292,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
         WriteError: an output could not be written (the last saved state stays resumable).
     """
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir, resume, overwrite)
     device = resolve_device(cfg.device)
+    _check_run_dir(run_dir, resume, overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp = bool(cfg.amp) and device.type == "cuda"
