@@ -122,6 +122,8 @@ def main(argv=None) -> None:
             else:
                 sys.exit(f"unknown method {method!r}")
             rows.append(dict(score(pair, flow), s=sec))
+            print(f"  {key}: " + " ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()),
+                  file=sys.stderr, flush=True)
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         std_dice = float(np.std([r["dice"] for r in rows]))
         line = (f"{method:60s} n={len(rows)} dice {mean['dice']:.2f} +- {std_dice:.2f} "

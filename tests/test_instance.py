@@ -10,7 +10,8 @@ from mambamorph.optimize import IOConfig, instance_optimise
 from mambamorph.optimize import instance as instance_mod
 
 SHAPE = (32, 32, 32)
-FAST = IOConfig(levels=(4, 2), iterations=(30, 30), mind_grid=1, mind_dilations=(2,), lam=0.5)
+FAST = IOConfig(levels=(4, 2), sim_grids=(2, 1), iterations=(30, 30), mind_grid=1,
+                mind_dilations=(2,), lam=0.5)
 
 
 def _blobs(seed):
@@ -66,7 +67,7 @@ def test_io_starts_from_a_given_velocity(pair):
     mov, fixed, *_ = pair
     v = _smooth_velocity(2, 1.5)
     # no iterations, no smoothing, full grid: the result is the start's exponential
-    cfg = IOConfig(levels=(1,), iterations=(0,), mind_grid=1, smooth_passes=0)
+    cfg = IOConfig(levels=(1,), sim_grids=(1,), iterations=(0,), mind_grid=1, smooth_passes=0)
     res = instance_optimise(mov, fixed, init_velocity=v, cfg=cfg)
     torch.testing.assert_close(res.velocity, v)
     torch.testing.assert_close(res.flow, integrate_velocity(v, 7))
@@ -120,8 +121,9 @@ def test_io_bad_input(pair):
     with pytest.raises(InputError, match="NaN"):
         instance_optimise(mov, bad, cfg=FAST)
     with pytest.raises(InputError, match="level factor 3"):
-        instance_optimise(mov, fixed, cfg=IOConfig(levels=(3,), iterations=(1,), mind_grid=1))
-    with pytest.raises(InputError, match="one iteration count per level"):
+        instance_optimise(mov, fixed, cfg=IOConfig(levels=(3,), sim_grids=(1,), iterations=(1,),
+                                                   mind_grid=1))
+    with pytest.raises(InputError, match="one iteration count"):
         instance_optimise(mov, fixed, cfg=IOConfig(levels=(4, 2), iterations=(1,)))
     with pytest.raises(InputError, match="pooled by an integer factor"):
         instance_optimise(mov, fixed, init_velocity=torch.zeros(1, 3, 10, 10, 10), cfg=FAST)

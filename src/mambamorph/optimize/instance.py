@@ -1,15 +1,19 @@
 """Instance optimisation (IO): refine the displacement of one pair on MIND-SSD.
 
-The only parameter is a stationary velocity field ``v`` on a coarse grid (the image grid pooled
-by a level factor ``s``). Each Adam iteration:
+The only parameter is a stationary velocity field ``v`` on a coarse control grid (the image grid
+pooled by a level factor ``s``). Each Adam iteration:
 
 1. ``v_s = smooth(v)``: ``smooth_passes`` 3^3 box filters (a B-spline-like smoothing, as in
    ConvexAdam);
-2. ``u = exp(v_s)`` by scaling and squaring (:func:`mambamorph.nn.spatial.integrate_velocity`),
-   so the map stays diffeomorphic;
-3. loss = ``mind_ssd_loss(warp(M_s, u), F_s) + lam * sum_j mean((d_j v_s)**2)`` with ``M_s``,
-   ``F_s`` the MIND-SSC descriptors of the moving and fixed images average-pooled to the level
-   grid and ``d_j`` forward differences along array axis ``j`` (level voxels).
+2. ``u = exp(v_s)`` by scaling and squaring (:func:`mambamorph.nn.spatial.integrate_velocity`)
+   on the control grid, so the map stays diffeomorphic, then upsampled trilinearly to the
+   level's similarity grid (factor ``g``, a divisor of ``s``);
+3. loss = ``mind_ssd_loss(warp(M_g, u), F_g) + lam * sum_j mean((d_j v_s)**2)`` with ``M_g``,
+   ``F_g`` the MIND-SSC descriptors of the moving and fixed images average-pooled to the
+   similarity grid and ``d_j`` forward differences along array axis ``j`` (control voxels).
+
+A control grid coarser than the similarity grid is what keeps an iteration cheap on a CPU: the
+integration and the smoothing (whose backward passes dominate) run on ``s**3`` times fewer voxels.
 
 Levels run coarse to fine; the velocity is carried to the next level by trilinear upsampling.
 The result is the final velocity upsampled to the image grid and integrated there
@@ -54,7 +58,10 @@ class IOConfig:
     docs/io-tuning.md).
 
     Attributes:
-        levels: grid factors of the velocity, coarse to fine (each divides every image size).
+        levels: grid factors of the velocity (control grid), coarse to fine (each divides every
+            image size).
+        sim_grids: grid factor of the similarity at each level (divides the level factor, is a
+            multiple of ``mind_grid``).
         iterations: Adam iterations per level (same length as ``levels``).
         lr: Adam learning rate (the parameter is the velocity in image voxels, so a step moves
             it by about ``lr`` image voxels at every level).
@@ -71,7 +78,8 @@ class IOConfig:
             2 = the image average-pooled by 2); every level factor must be a multiple of it.
     """
 
-    levels: tuple[int, ...] = (4, 2)
+    levels: tuple[int, ...] = (8, 4)
+    sim_grids: tuple[int, ...] = (4, 2)
     iterations: tuple[int, ...] = (40, 40)
     lr: float = 1.0
     lam: float = 1.0
@@ -85,21 +93,22 @@ class IOConfig:
 
     def check(self, shape: tuple[int, int, int]) -> None:
         """Raise :class:`InputError` if the settings are inconsistent or do not fit ``shape``."""
-        levels, its = tuple(self.levels), tuple(self.iterations)
-        if not levels or len(levels) != len(its):
-            raise InputError(f"instance optimisation: expected one iteration count per level, got "
-                             f"levels {levels} and iterations {its}")
+        levels, its, sims = tuple(self.levels), tuple(self.iterations), tuple(self.sim_grids)
+        if not levels or len(levels) != len(its) or len(levels) != len(sims):
+            raise InputError(f"instance optimisation: expected one iteration count and one "
+                             f"similarity grid per level, got levels {levels}, iterations {its}, "
+                             f"sim_grids {sims}")
         if any(int(s) != s or s < 1 for s in levels) or any(int(n) != n or n < 0 for n in its):
             raise InputError(f"instance optimisation: expected positive level factors and "
                              f"iteration counts >= 0, got {levels} and {its}")
         if int(self.mind_grid) != self.mind_grid or self.mind_grid < 1:
             raise InputError(f"instance optimisation: expected mind_grid >= 1, got "
                              f"{self.mind_grid}")
-        for s in levels:
-            if s % self.mind_grid or any(n % s for n in shape):
+        for s, g in zip(levels, sims):
+            if any(n % s for n in shape) or int(g) != g or g < 1 or s % g or g % self.mind_grid:
                 raise InputError(f"instance optimisation: level factor {s} must divide the image "
-                                 f"grid {tuple(shape)} and be a multiple of mind_grid "
-                                 f"{self.mind_grid}")
+                                 f"grid {tuple(shape)} and be a multiple of its similarity grid "
+                                 f"{g}, itself a multiple of mind_grid {self.mind_grid}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.lam)
                                                                  and self.lam >= 0):
             raise InputError(f"instance optimisation: expected lr > 0 and lam >= 0, got lr "
@@ -238,11 +247,12 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
     stopped = False
     v_level = None  # smoothed velocity of the previous level (its voxels), no grad
     prev_s = None
-    for s, n_iter in zip(cfg.levels, cfg.iterations):
-        s = int(s)
+    for s, g, n_iter in zip(cfg.levels, cfg.sim_grids, cfg.iterations):
+        s, g = int(s), int(g)
         size = tuple(n // s for n in shape)
+        sim_size = tuple(n // g for n in shape)
         with torch.no_grad():
-            pool = s // int(cfg.mind_grid)
+            pool = g // int(cfg.mind_grid)
             fm = F.avg_pool3d(feat_m, pool) if pool > 1 else feat_m
             ff = F.avg_pool3d(feat_f, pool) if pool > 1 else feat_f
             if v_level is not None:
@@ -260,7 +270,7 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
         for _ in range(int(n_iter)):
             opt.zero_grad(set_to_none=True)
             vs = _smooth(param, cfg.smooth_passes) / s  # level voxels
-            disp = integrate_velocity(vs, cfg.steps)
+            disp = _upsample_field(integrate_velocity(vs, cfg.steps), s / g, sim_size)
             sim = mind_ssd_loss(warp(fm, disp, padding_mode="border"), ff)
             loss = sim + cfg.lam * _diffusion(vs)
             value = float(loss.detach())
