@@ -16,9 +16,10 @@ Example:
       --method 'net+io:{"lam": 1.0}' --method convexadam --log /work/notes/sim/tune.jsonl
 
 The network's velocities are cached (``--cache``) so that IO variants do not rerun it; the
-network's time is measured when it runs. Times are wall clock in one process with
-``--threads`` torch threads; the first pair of each method is not a warm-up (MIND and
-integration have no one-off cost worth removing), so every pair counts.
+network's time is measured when it runs. ``s`` is wall clock in one process with ``--threads``
+torch threads; ``cpu`` is the process CPU time of the method's call (all threads summed), the
+figure that survives a machine shared with other jobs (with ``--threads 1`` it is the wall time
+the call would take on one idle core). Every pair counts (no warm-up pair).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def main(argv=None) -> None:
         for m, f in pairs:
             pair = ds.pair(m, f)
             key = f"{m}->{f}"
+            c0 = time.process_time()
             if kind == "net":
                 t0 = time.perf_counter()
                 flow = integrate_velocity(vel[key], 7)
@@ -121,14 +123,15 @@ def main(argv=None) -> None:
                 sec = time.perf_counter() - t0
             else:
                 sys.exit(f"unknown method {method!r}")
-            rows.append(dict(score(pair, flow), s=sec))
+            cpu = time.process_time() - c0 if kind != "net" else float("nan")
+            rows.append(dict(score(pair, flow), s=sec, cpu=cpu))
             print(f"  {key}: " + " ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()),
                   file=sys.stderr, flush=True)
         mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         std_dice = float(np.std([r["dice"] for r in rows]))
         line = (f"{method:60s} n={len(rows)} dice {mean['dice']:.2f} +- {std_dice:.2f} "
                 f"sdlogj {mean['sdlogj']:.3f} fold {mean['fold']:.4f} j02 {mean['j02']:.3f} "
-                f"s/pair {mean['s']:.2f}")
+                f"s/pair {mean['s']:.2f} cpu-s/pair {mean['cpu']:.2f}")
         print(line, flush=True)
         if args.log:
             with open(args.log, "a") as fh:
