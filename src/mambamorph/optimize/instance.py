@@ -82,14 +82,14 @@ class IOConfig:
     sim_grids: tuple[int, ...] = (4, 2)
     iterations: tuple[int, ...] = (40, 40)
     lr: float = 1.0
-    lam: float = 1.0
+    lam: float = 0.5
     smooth_passes: int = 3
     steps: int = 5
     final_steps: int = 7
     final: str = "full"
     mind_radius: int = 1
-    mind_dilations: tuple[int, ...] = (1,)
-    mind_grid: int = 2
+    mind_dilations: tuple[int, ...] = (2,)
+    mind_grid: int = 1
 
     def check(self, shape: tuple[int, int, int]) -> None:
         """Raise :class:`InputError` if the settings are inconsistent or do not fit ``shape``."""
