@@ -109,7 +109,6 @@ def main(argv=None) -> None:
             key = f"{m}->{f}"
             c0 = time.process_time()
             if kind == "net":
-                t0 = time.perf_counter()
                 flow = integrate_velocity(vel[key], 7)
                 sec = net_s[key]
             elif kind in ("net+io", "zero+io"):
