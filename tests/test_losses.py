@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mambamorph.losses import SMOOTH_WEIGHT, grad_l2, ncc_loss, soft_dice_loss
+from mambamorph.losses import SMOOTH_WEIGHT, grad_l2, soft_dice_loss
+from mambamorph.similarity import lncc_loss
 
 SHAPE = (6, 8, 10)
 
@@ -117,51 +118,6 @@ def test_grad_l2_bad_shape(shape):
         grad_l2(torch.zeros(shape))
 
 
-# ---------------------------------------------------------------- local NCC
-
-def _ncc_reference(a, b, w, eps):
-    """Plain per-voxel loop; windows clipped to the volume."""
-    r = w // 2
-    cc = np.empty(a.shape)
-    for i, j, k in np.ndindex(a.shape):
-        win = (slice(max(i - r, 0), i + r + 1), slice(max(j - r, 0), j + r + 1),
-               slice(max(k - r, 0), k + r + 1))
-        wa, wb = a[win], b[win]
-        cov = (wa * wb).mean() - wa.mean() * wb.mean()
-        cc[i, j, k] = cov ** 2 / (wa.var() * wb.var() + eps)
-    return -cc.mean()
-
-
-def test_ncc_matches_plain_reference():
-    g = torch.Generator().manual_seed(3)
-    a = torch.rand(1, 1, 5, 6, 7, generator=g, dtype=torch.float64)
-    b = a ** 2 + 0.3 * torch.rand(1, 1, 5, 6, 7, generator=g, dtype=torch.float64)
-    for w in (3, 5):
-        ref = _ncc_reference(a[0, 0].numpy(), b[0, 0].numpy(), w, 1e-5)
-        assert ncc_loss(a, b, window=w).item() == pytest.approx(ref, rel=1e-9)
-
-
-def test_ncc_values():
-    g = torch.Generator().manual_seed(4)
-    a = torch.rand(2, 1, 16, 16, 16, generator=g)
-    b = torch.rand(2, 1, 16, 16, 16, generator=g)
-    # identical or affinely related: -1 up to eps / var^2 (var of U(0,1) windows is ~1/12)
-    for other in (a, 2 * a + 3, 1 - a):
-        assert ncc_loss(a, other).item() == pytest.approx(-1.0, abs=5e-3)
-    # independent noise: the squared correlation of 729 samples is ~1/729
-    assert -0.01 < ncc_loss(a, b).item() <= 0.0
-
-
-def test_ncc_gradients_and_errors():
-    a = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y: ncc_loss(x, y, window=3), (a, b))
-    with pytest.raises(ValueError, match="window"):
-        ncc_loss(a, b, window=4)
-    with pytest.raises(ValueError, match="ncc_loss"):
-        ncc_loss(a, b[..., :5])
-
-
 @pytest.mark.gpu
 def test_losses_under_cuda_float16_autocast():
     dev = torch.device("cuda")
@@ -171,7 +127,7 @@ def test_losses_under_cuda_float16_autocast():
         f = _ramp(0, 1, 2.0).to(dev).half()
         assert grad_l2(f).item() == pytest.approx(4.0 / 9, rel=1e-3)
         a = torch.rand(1, 1, 16, 16, 16, device=dev).half()
-        assert ncc_loss(a, 2 * a + 1).item() == pytest.approx(-1.0, abs=5e-3)
+        assert lncc_loss(a, 2 * a + 1).item() == pytest.approx(-1.0, abs=5e-3)
 
 
 def test_multiscale_dice_scale_one_is_the_paper_loss():

@@ -11,7 +11,7 @@ from scipy.spatial.distance import cdist
 
 from mambamorph.labels import ROI_IDS
 from mambamorph.runtime import PeakMemory, Timer, timed
-from mambamorph.metrics import (dice_per_roi, folding_percent, hd95,
+from mambamorph.metrics import (compressed_percent, dice_per_roi, folding_percent, hd95,
                                 hd95_per_roi, jacobian_determinant, sdlogj, surface_distances)
 
 # ---------------------------------------------------------------------------------- helpers
@@ -232,6 +232,38 @@ def test_scaling_has_known_det(scales):
     flow = np.stack([s * (x[k] - 4.0) for k, s in enumerate(scales)])
     np.testing.assert_allclose(jacobian_determinant(flow), np.prod(1 + np.array(scales)),
                                atol=1e-12)
+
+
+def test_compressed_percent_on_a_uniform_compression():
+    # x -> x / 8 along axis 0 and identity elsewhere: det 0.125 (exact in binary) everywhere
+    x = _coords(SHAPE)
+    flow = np.zeros((3, *SHAPE))
+    flow[0] = -0.875 * x[0]
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[2:6, 3:7, 4:8] = True
+    assert compressed_percent(flow, mask) == pytest.approx(100.0)
+    assert compressed_percent(flow, mask, threshold=0.125) == 0.0  # strictly below
+    assert compressed_percent(np.zeros((3, *SHAPE)), mask) == 0.0
+    assert np.isnan(compressed_percent(flow, np.zeros(SHAPE, dtype=bool)))
+
+
+def test_compressed_percent_counts_only_the_mask_and_folds():
+    # the fold of test_fold_along_each_axis_is_counted: det -1 for x0 in 3..4, 0 at 2 and 5
+    lo, hi = 2, 5
+    x = _coords(SHAPE)[0]
+    flow = np.zeros((3, *SHAPE))
+    flow[0] = -2.0 * (np.clip(x, lo, hi) - lo)
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[:5] = True  # slices 0..4: 2, 3, 4 have det <= 0 < 0.2
+    assert compressed_percent(flow, mask) == pytest.approx(60.0)
+    assert compressed_percent(flow, ~mask) == pytest.approx(100.0 * 1 / 4)  # slice 5 of 5..8
+    # batched, torch, one mask per field and a shared (B, 1, ...) mask
+    both = torch.from_numpy(np.stack([flow, np.zeros_like(flow)]))
+    np.testing.assert_allclose(compressed_percent(both, mask), [60.0, 0.0])
+    np.testing.assert_allclose(compressed_percent(both, np.stack([mask, ~mask])[:, None]),
+                               [60.0, 0.0])
+    with pytest.raises(ValueError, match="mask"):
+        compressed_percent(flow, mask[:4])
 
 
 def test_batched_torch_input_and_slabs():

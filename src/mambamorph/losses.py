@@ -1,5 +1,6 @@
-"""Training losses (SPEC.md section 4): soft Dice of warped one-hot labels, gradient smoothness,
-and a local normalised cross-correlation image term.
+"""Training losses (SPEC.md section 4): soft Dice of warped one-hot labels and gradient
+smoothness. Image similarity terms (MIND-SSD, local NCC, mutual information) live in
+:mod:`mambamorph.similarity`.
 
 The paper's objective is ``soft_dice_loss(warp(onehot(s_m), phi), onehot(s_f))
 + smooth_weight * grad_l2(velocity)`` with ``smooth_weight = 0.1 * 2 = 0.2``
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from mambamorph.errors import InputError
 
-__all__ = ["SMOOTH_WEIGHT", "soft_dice_loss", "grad_l2", "ncc_loss"]
+__all__ = ["SMOOTH_WEIGHT", "soft_dice_loss", "grad_l2"]
 
 #: Weight of :func:`grad_l2` in the paper's loss: the reference's ``0.1`` times its Grad
 #: ``loss_mult`` of 2. The training code multiplies by it (``smooth_weight`` setting).
@@ -89,52 +90,6 @@ def grad_l2(field: torch.Tensor) -> torch.Tensor:
         d1 = f[:, :, :, 1:] - f[:, :, :, :-1]
         d2 = f[:, :, :, :, 1:] - f[:, :, :, :, :-1]
         return (d0.square().mean() + d1.square().mean() + d2.square().mean()) / 3.0
-
-
-def ncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,
-             eps: float = 1e-5) -> torch.Tensor:
-    """Negative local normalised cross-correlation (squared), voxelmorph style.
-
-    For each voxel, over the cubic ``window`` centred on it, clipped to the volume (border
-    windows average over their in-volume voxels only):
-    ``cc = cov(a, b)**2 / (var(a) * var(b) + eps)`` with window means, and the loss is
-    ``-mean(cc)`` over voxels, channels and batch: ``-1`` for images related by a positive or
-    negative affine intensity map wherever the window has contrast, about ``0`` for independent
-    noise. Monomodal; not meaningful for MR -> CT (the paper uses no image term).
-    Differences from voxelmorph's NCC: voxelmorph zero-pads border windows (which breaks the
-    affine invariance near the border) and adds ``eps`` to the product of window *sums* of
-    squares, so its effective eps is ``window**6`` times smaller than here.
-
-    Args:
-        a, b: ``(B, C, D0, D1, D2)`` images, same shape.
-        window: odd window side in voxels.
-        eps: stabiliser of the denominator (in squared variance units).
-    Returns:
-        Scalar tensor in [-1, 0] (float32, or float64 for float64 input).
-    Raises:
-        ValueError: shapes differ, are not 5-D, or ``window`` is not a positive odd integer.
-    """
-    if a.shape != b.shape or a.dim() != 5:
-        raise InputError(f"ncc_loss: expected two (B, C, D0, D1, D2) images of one shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    if int(window) != window or window < 1 or window % 2 == 0:
-        raise InputError(f"ncc_loss: expected a positive odd window, got {window}")
-    window = int(window)
-    with _no_autocast(a.device):
-        x, y = _work(a, b)
-        n_b, n_c = x.shape[:2]
-        # one pass of a box filter over the 5 moment images, channels folded into the batch
-        stack = torch.stack([x, y, x * x, y * y, x * y], dim=2)  # (B, C, 5, D0, D1, D2)
-        stack = stack.reshape(n_b * n_c * 5, 1, *x.shape[2:])  # (B*C*5, 1, D0, D1, D2)
-        mean = F.avg_pool3d(stack, window, stride=1, padding=window // 2,
-                            count_include_pad=False)
-        mean = mean.reshape(n_b, n_c, 5, *x.shape[2:])
-        mx, my, mxx, myy, mxy = mean.unbind(dim=2)
-        cov = mxy - mx * my
-        var_x = (mxx - mx * mx).clamp_min(0.0)
-        var_y = (myy - my * my).clamp_min(0.0)
-        cc = cov * cov / (var_x * var_y + eps)
-        return -cc.mean()
 
 
 def multiscale_label_dice_loss(moving_onehot: torch.Tensor, fixed_onehot: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Registration metrics: Dice, HD95 (mm), folding %, SDlogJ (scoring only; timing and memory
+"""Registration metrics: Dice, HD95 (mm), folding %, SDlogJ, compression share (scoring only; timing and memory
 live in :mod:`mambamorph.runtime`).
 
 All label-map metrics take FreeSurfer-id label maps (numpy or torch, any integer dtype) and
@@ -41,6 +41,7 @@ __all__ = [
     "jacobian_determinant",
     "folding_percent",
     "sdlogj",
+    "compressed_percent",
 ]
 
 
@@ -317,3 +318,37 @@ def sdlogj(flow, crop: int = 0) -> float | np.ndarray:
     if logj.ndim == 3:
         return float(logj.std())
     return logj.reshape(logj.shape[0], -1).std(axis=1)
+
+
+def compressed_percent(flow, mask, threshold: float = 0.2) -> float | np.ndarray:
+    """Percentage of the voxels of ``mask`` whose Jacobian determinant is below ``threshold``.
+
+    With the fixed image's brain as ``mask``, this is the share of the brain squeezed to less
+    than ``threshold`` of its volume (folded voxels, ``det <= 0``, count too). The determinant is
+    :func:`jacobian_determinant`'s (central differences, one-sided on the border).
+
+    Args:
+        flow: displacement ``(3, D0, D1, D2)`` or ``(B, 3, D0, D1, D2)`` in voxels.
+        mask: boolean (or 0/1) ``(D0, D1, D2)`` array, or ``(B, D0, D1, D2)`` /
+            ``(B, 1, D0, D1, D2)`` for a batch (one mask per field, or one shared mask).
+        threshold: determinant bound (the share counted is ``det < threshold``).
+    Returns:
+        A float in [0, 100] for an unbatched field, a ``(B,)`` float64 array for a batch; NaN
+        where the mask is empty.
+    Raises:
+        ValueError: see :func:`jacobian_determinant`; a mask that does not fit the field's grid.
+    """
+    det = jacobian_determinant(flow)
+    m = np.asarray(_as_numpy(mask)).astype(bool)
+    grid = det.shape[-3:]
+    if m.ndim == 5 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.shape[-3:] != grid or m.ndim not in (3, det.ndim):
+        raise ValueError(f"expected a mask on the field's grid {grid}, got {m.shape}")
+    m = np.broadcast_to(m, det.shape)
+    below = (det < float(threshold)) & m
+    axes = tuple(range(det.ndim - 3, det.ndim))
+    n = m.sum(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(n > 0, 100.0 * below.sum(axis=axes) / np.maximum(n, 1), np.nan)
+    return float(share) if det.ndim == 3 else share.astype(np.float64)
