@@ -27,7 +27,8 @@ from mambamorph.data.preprocess import resample_array
 from mambamorph.io import Volume, read_labels, read_volume
 from mambamorph.metrics import dice_per_roi
 from mambamorph.optimize.affine import align_affine, compose_affine_displacement
-from mambamorph.register import foreground_centre, warp_to_fixed
+from mambamorph.data.preprocess import foreground_centre
+from mambamorph.space import warp_to_fixed
 
 
 def random_rigid(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:

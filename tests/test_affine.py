@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from mambamorph import io
 from mambamorph.errors import InputError
 from mambamorph.optimize import affine as aff
-from mambamorph.register import warp_to_fixed
+from mambamorph.space import warp_to_fixed
 
 
 def _rotation(axis, deg):

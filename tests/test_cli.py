@@ -74,7 +74,8 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_shipped_weights_load_and_say_where_they_came_from():
     from mambamorph.checkpoint import load_model
-    from mambamorph.demo import DEMO_MODELS, shipped_weights
+    from mambamorph.checkpoint import shipped_weights
+    from mambamorph.demo import DEMO_MODELS
 
     for name in DEMO_MODELS:
         stem = shipped_weights(name)
@@ -105,7 +106,7 @@ _BAD_DEVICES = ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"])
 def test_bad_device_is_one_line_before_any_work(device, tiny_phantom, tmp_path, capsys):
     """``--device bogus`` (or ``cuda`` without CUDA) on every command that takes it: one line
     on stderr naming the device, exit code 2, no traceback, nothing written."""
-    from mambamorph.demo import shipped_weights
+    from mambamorph.checkpoint import shipped_weights
 
     vol = tiny_phantom / "vol"
     ckpt = str(shipped_weights("voxelmorph")) + ".json"
@@ -131,7 +132,7 @@ def test_bad_device_is_one_line_before_any_work(device, tiny_phantom, tmp_path, 
 def test_refusals_name_no_flag_but_the_cli_says_how(tiny_phantom, tmp_path, capsys):
     """register and evaluate refuse to replace outputs with an OutputExistsError whose message
     names the folder and no command-line flag; the CLI appends how to ask (--overwrite)."""
-    from mambamorph.demo import shipped_weights
+    from mambamorph.checkpoint import shipped_weights
 
     vol = tiny_phantom / "vol"
     ckpt = str(shipped_weights("voxelmorph")) + ".json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib import resources
 import logging
 import os
 from pathlib import Path
@@ -282,3 +283,12 @@ def load_train_state(path: str | os.PathLike, model: nn.Module,
         raise InputError(f"{tpath}: the saved training state does not fit this model: "
                          f"{str(e).splitlines()[0]}") from None
     return state
+
+
+def shipped_weights(model: str, preset: str = "cpu") -> Path | None:
+    """The checkpoint of ``model`` shipped inside the package (trained on the phantom at the
+    ``preset`` grid; docs/weights.md says how), as a stem path, or None if none is shipped."""
+    root = resources.files("mambamorph") / "weights"
+    stem = f"phantom-{preset}-{model}"
+    p = Path(str(root / f"{stem}.safetensors"))
+    return checkpoint_stem(p) if p.exists() and p.with_suffix(".json").exists() else None

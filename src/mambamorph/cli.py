@@ -26,6 +26,19 @@ def _grid(text: str) -> list[int]:
     return dims
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace("x", ",").split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 30,30, got {text!r}") from None
+
+
+def _io_default(name: str):
+    from mambamorph.optimize.instance import IOConfig
+
+    return getattr(IOConfig(), name)
+
+
 def _model_arg(text: str) -> tuple[str, object]:
     import yaml
     if "=" not in text:
@@ -106,10 +119,27 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_register(a) -> int:
-    from mambamorph.register import register_files
+    from dataclasses import replace
 
-    res = register_files(a.moving, a.fixed, a.model, a.out, moving_seg=a.moving_seg,
-                         device=a.device, overwrite=a.overwrite)
+    from mambamorph.optimize.instance import IOConfig
+    from mambamorph.register import DEFAULT_MODEL, register_files
+
+    if a.no_model and a.model:
+        raise InputError("--model and --no-model contradict each other")
+    if a.no_model and a.no_io:
+        raise InputError("--no-model with --no-io leaves only the affine stage; drop one of them")
+    model = None if a.no_model else (a.model or DEFAULT_MODEL)
+    cfg = IOConfig()
+    if a.io_iterations is not None:
+        if len(a.io_iterations) != len(cfg.levels):
+            raise InputError(f"--io-iterations: give {len(cfg.levels)} counts (one per level, "
+                             f"coarse to fine), got {len(a.io_iterations)}")
+        cfg = replace(cfg, iterations=tuple(a.io_iterations))
+    if a.io_weight is not None:
+        cfg = replace(cfg, lam=a.io_weight)
+    res = register_files(a.moving, a.fixed, model, a.out, moving_seg=a.moving_seg,
+                         device=a.device, overwrite=a.overwrite, affine=not a.no_affine,
+                         io=not a.no_io, io_config=cfg)
     print(res)
     return 0
 
@@ -205,14 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
     quiet(e)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("register", help="register a MOVING NIfTI volume onto a FIXED one")
-    r.add_argument("moving")
-    r.add_argument("fixed")
-    r.add_argument("--model", required=True, help="trained checkpoint")
+    r = sub.add_parser(
+        "register", help="register a MOVING NIfTI volume onto a FIXED one",
+        description="Register MOVING onto FIXED (NIfTI, any orientation, spacing and shape): "
+                    "rigid + affine pre-alignment in world space, the network's prediction, "
+                    "then instance optimisation of the field on MIND-SSD. Outputs (on the fixed "
+                    "grid): warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
+                    "displacement_itk.nii.gz (the whole transform as an ITK/ANTs displacement "
+                    "field), affine_itk.tfm (the affine stage), jacobian.nii.gz, qc.png, "
+                    "register.json.")
+    r.add_argument("moving", help="moving image (.nii or .nii.gz)")
+    r.add_argument("fixed", help="fixed image; every output is on its grid")
+    r.add_argument("--model", default=None,
+                   help="trained checkpoint (.safetensors/.json from `mambamorph train`); "
+                        "default: the mambamorph weights shipped in the package (phantom, "
+                        "MR -> CT, 2 mm)")
+    r.add_argument("--no-model", action="store_true",
+                   help="training-free: no network, instance optimisation from the identity")
+    r.add_argument("--no-io", action="store_true",
+                   help="no instance optimisation: the network's field alone (fastest)")
+    r.add_argument("--no-affine", action="store_true",
+                   help="no rigid/affine pre-alignment (for pairs already aligned in world space)")
+    r.add_argument("--io-iterations", type=_ints, default=None, metavar="N[,N...]",
+                   help="instance optimisation: Adam iterations per level, coarse to fine "
+                        f"(default {','.join(map(str, _io_default('iterations')))})")
+    r.add_argument("--io-weight", type=float, default=None, metavar="LAMBDA",
+                   help="instance optimisation: weight of the diffusion regulariser (default "
+                        f"{_io_default('lam')}; larger = smoother field)")
     r.add_argument("--moving-seg", help="label map of the moving image, warped with nearest")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--out", required=True, help="output folder (created if missing)")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace outputs of an earlier run in --out")
     r.set_defaults(func=cmd_register)
 
     b = sub.add_parser("bench", help="time and memory of every model and of the scan paths")

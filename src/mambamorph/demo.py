@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from mambamorph.checkpoint import checkpoint_stem
+from mambamorph.checkpoint import shipped_weights
 from mambamorph.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,14 +47,6 @@ FULL = DemoRecipe(subjects=60, grid=None, steps={"mambamorph": 40, "voxelmorph":
 QUICK = DemoRecipe(subjects=6, grid=(48, 64, 48), steps={"mambamorph": 2, "voxelmorph": 2},
                    minutes={"mambamorph": 2.0, "voxelmorph": 2.0}, lr=1e-4, steps_per_epoch=1,
                    val_pairs=1, test_pairs=2)
-
-
-def shipped_weights(model: str, preset: str = "cpu") -> Path | None:
-    """The packaged phantom checkpoint of ``model`` (stem path), or None if none is shipped."""
-    root = resources.files("mambamorph") / "weights"
-    stem = f"phantom-{preset}-{model}"
-    p = Path(str(root / f"{stem}.safetensors"))
-    return checkpoint_stem(p) if p.exists() and p.with_suffix(".json").exists() else None
 
 
 def _phantom_matches(data_dir: Path, recipe: DemoRecipe) -> bool:

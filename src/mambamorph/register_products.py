@@ -21,9 +21,10 @@ import numpy as np
 from mambamorph.data.preprocess import resample_array
 from mambamorph.io import Volume, write_itk_displacement, write_volume
 from mambamorph.metrics import jacobian_determinant
+from mambamorph.space import displacement_to_fixed, warp_to_fixed
 
 if TYPE_CHECKING:
-    from mambamorph.register import ModelSpace
+    from mambamorph.space import ModelSpace
 
 __all__ = ["WORKERS", "stage", "timed_call", "write_products"]
 
@@ -50,7 +51,8 @@ def timed_call(stages: dict[str, float], name: str, fn, *args, **kwargs):
 
 def write_products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.ndarray,
                    space: ModelSpace, fix: Volume, mov: Volume, seg: Volume | None,
-                   paths: dict[str, Path], overwrite: bool, model_name: str):
+                   paths: dict[str, Path], overwrite: bool, model_name: str,
+                   affine: np.ndarray | None = None):
     """Every output of the prediction ``u`` ``(3, G0, G1, G2)`` (model voxels), written.
 
     The independent pieces run on ``pool``: the Jacobian (model grid, then onto the fixed grid)
@@ -64,14 +66,18 @@ def write_products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.nda
         fix, mov, seg: the fixed image, moving image and moving label map (or None).
         paths: ``{product: path}`` (keys of :data:`mambamorph.register.OUTPUT_NAMES`).
         overwrite: replace existing files; model_name: for the QC figure's title.
+        affine: ``(4, 4)`` fixed world -> moving world (RAS mm) of an affine pre-alignment, or
+            None; the whole transform is then ``x -> A (x + d(x))``
+            (:func:`mambamorph.optimize.affine.compose_affine_displacement`), and that whole
+            transform is what the warps and ``displacement_itk.nii.gz`` use. The Jacobian files
+            stay those of the deformable stage (the affine's determinant is a constant factor).
 
     Returns:
         ``(written, det_model, folding_percent, disp)``: ``{product: path}`` of the files
         written (all but the record), the ``(G0, G1, G2)`` float64 Jacobian determinant on the
         model grid, the % of its voxels <= 0, and the ``(D0, D1, D2, 3)`` RAS mm displacement
-        on the fixed grid.
+        on the fixed grid (the whole transform, affine included).
     """
-    from mambamorph.register import displacement_to_fixed, warp_to_fixed  # (circular at import)
     from mambamorph.viz import qc_overlay
 
     def jacobian():
@@ -91,6 +97,11 @@ def write_products(pool: ThreadPoolExecutor, stages: dict[str, float], u: np.nda
     j_before = pool.submit(timed_call, stages, "moving to fixed grid (QC)", resample_array,
                            mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
     disp = timed_call(stages, "displacement to fixed grid", displacement_to_fixed, u, space, fix)
+    if affine is not None:
+        from mambamorph.optimize.affine import compose_affine_displacement
+
+        disp = timed_call(stages, "compose with the affine", compose_affine_displacement,
+                          affine, fix, disp)
     j_disp = pool.submit(timed_call, stages, "write displacement", write_itk_displacement,
                          paths["displacement"], disp, like=fix, overwrite=overwrite)
     j_seg = (pool.submit(warp_and_write, "warped_seg", seg, 0) if seg is not None else None)

@@ -8,7 +8,7 @@ resampling needs, as ITK's): the aligned moving image is ``moving(A x)`` on the 
 Method (:func:`align_affine`):
 
 1. **Centre initialisation**: ``A0 = translate(c_m - c_f)`` from the foreground centres of the
-   two images (:func:`mambamorph.register.foreground_centre`); rotations and scalings are about
+   two images (:func:`mambamorph.data.preprocess.foreground_centre`); rotations and scalings are about
    ``c_f``.
 2. **Rigid** (6 parameters: rotation about ``c_f`` + translation), then **affine** (12), each
    multi-resolution (``levels`` shrink factors, coarse to fine, default 4 then 2; images
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mambamorph.data.preprocess import foreground_centre
 from mambamorph.errors import InputError
 from mambamorph.io import Volume
 from mambamorph.nn.spatial import identity_grid
@@ -142,7 +143,6 @@ def align_affine(moving: Volume, fixed: Volume, rigid: bool = True, affine: bool
         InputError: a constant/empty or non-finite image, or bad options (levels, iterations,
             bins, sampling).
     """
-    from mambamorph.register import foreground_centre  # register will import this module
 
     t0 = time.perf_counter()
     _check_image(moving, "moving image")
@@ -208,13 +208,13 @@ def compose_affine_displacement(matrix: np.ndarray, fixed: Volume,
     fixed-world point ``x`` is first displaced by ``d`` and then mapped by ``A`` into the
     moving world. Returns ``T(x) - x`` at every fixed voxel, the form
     :func:`mambamorph.io.write_itk_displacement` and
-    :func:`mambamorph.register.warp_to_fixed` take.
+    :func:`mambamorph.space.warp_to_fixed` take.
 
     Args:
         matrix: ``(4, 4)`` fixed world -> moving world (RAS mm), as :attr:`AffineResult.matrix`.
         fixed: the fixed image (its canonical grid and affine).
         disp_mm: ``(D0, D1, D2, 3)`` deformable displacement in RAS mm at the fixed voxels
-            (as :func:`mambamorph.register.displacement_to_fixed` gives); ``None``: zero.
+            (as :func:`mambamorph.space.displacement_to_fixed` gives); ``None``: zero.
     Returns:
         ``(D0, D1, D2, 3)`` float32 displacement in RAS mm on ``fixed``'s canonical grid.
     Raises:
