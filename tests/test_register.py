@@ -155,10 +155,11 @@ def test_register_outputs(data, tmp_path):
     """Real (randomly initialised) checkpoint end to end: files, geometry, labels, record."""
     out = tmp_path / "out"
     res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out,
-                             moving_seg=data["seg"])
-    names = set(reg.OUTPUT_NAMES.values())
+                             moving_seg=data["seg"], affine=False, io=False)
+    names = set(reg.OUTPUT_NAMES.values()) - {"affine_itk.tfm"}  # no affine stage asked for
     assert {p.name for p in out.iterdir()} == names
-    assert set(res.files) == set(reg.OUTPUT_NAMES) and all(p.exists() for p in res.files.values())
+    assert set(res.files) == set(reg.OUTPUT_NAMES) - {"affine"}
+    assert all(p.exists() for p in res.files.values())
     ref = nib.load(str(data["fixed"]))
     for name in names - {"qc.png", "register.json"}:
         img = nib.load(str(out / name))
@@ -190,7 +191,7 @@ def test_zero_field_is_resampling(data, tmp_path, monkeypatch):
     holder = _patch(monkeypatch, lambda s: np.zeros((3, *s)))
     out = tmp_path / "zero"
     res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out,
-                             moving_seg=data["seg"])
+                             moving_seg=data["seg"], affine=False, io=False)
     mov, fix = io.read_volume(data["moving"]), io.read_volume(data["fixed"])
     seg = io.read_labels(data["seg"], check_table=False)
     before = resample_array(mov.data.numpy(), mov.affine, fix.affine, fix.shape, order=1)
@@ -219,7 +220,7 @@ def test_itk_field_reproduces_warp(data, tmp_path, monkeypatch):
     _patch(monkeypatch, _sine_field)
     out = tmp_path / "sine"
     res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out,
-                             moving_seg=data["seg"])
+                             moving_seg=data["seg"], affine=False, io=False)
     assert res.max_displacement_mm > 6.0 and res.folding_percent == 0.0
 
     fixed_img = sitk.ReadImage(str(data["fixed"]), sitk.sitkFloat64)
@@ -262,7 +263,7 @@ def test_small_model_grid_warns(data, tmp_path, caplog):
     ck = checkpoint.save_model(tmp_path / "small", build_model("voxelmorph"),
                                meta={"spacing": [4, 4, 4], "grid": [16, 16, 16]})
     with caplog.at_level(logging.WARNING, logger="mambamorph.register"):
-        res = reg.register_files(data["moving"], data["fixed"], ck, tmp_path / "o")
+        res = reg.register_files(data["moving"], data["fixed"], ck, tmp_path / "o", affine=False, io=False)
     assert "extends beyond the model grid (16x16x16 voxels at 4x4x4 mm)" in caplog.text
     jac = io.read_volume(res.files["jacobian"]).data.numpy()
     assert np.mean(jac == 1.0) > 0.5  # identity outside the 64 mm model grid
@@ -274,14 +275,14 @@ def test_refuses_to_overwrite(data, tmp_path, monkeypatch):
     out.mkdir()
     (out / "qc.png").write_bytes(b"mine")
     with pytest.raises(InputError, match="qc.png"):
-        reg.register_files(data["moving"], data["fixed"], data["ckpt"], out)
+        reg.register_files(data["moving"], data["fixed"], data["ckpt"], out, affine=False, io=False)
     assert [p.name for p in out.iterdir()] == ["qc.png"]  # nothing else written
     assert (out / "qc.png").read_bytes() == b"mine"
-    res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out, overwrite=True)
+    res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out, overwrite=True, affine=False, io=False)
     assert (out / "qc.png").read_bytes()[:4] == b"\x89PNG" and "warped_seg" not in res.files
     before = (out / "warped.nii.gz").read_bytes()
     with pytest.raises(InputError, match="would overwrite"):
-        reg.register_files(data["moving"], data["fixed"], data["ckpt"], out)
+        reg.register_files(data["moving"], data["fixed"], data["ckpt"], out, affine=False, io=False)
     assert (out / "warped.nii.gz").read_bytes() == before
 
 
@@ -342,7 +343,7 @@ def test_bad_inputs(data, tmp_path, kind):
     mov, fix, ck, seg, msg = _bad_case(kind, data, tmp_path)
     out = tmp_path / "out"
     with pytest.raises(InputError, match=msg.replace(".", r"\.")):
-        reg.register_files(mov, fix, ck, out, moving_seg=seg)
+        reg.register_files(mov, fix, ck, out, moving_seg=seg, affine=False, io=False)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -350,10 +351,10 @@ def test_bad_inputs(data, tmp_path, kind):
 def test_cuda_unavailable(data, tmp_path):
     with pytest.raises(InputError, match="CUDA is not available"):
         reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "o",
-                           device="cuda")
+                           device="cuda", affine=False, io=False)
     with pytest.raises(InputError, match="bogus"):
         reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "o",
-                           device="bogus")
+                           device="bogus", affine=False, io=False)
 
 
 def test_cli_register(data, tmp_path, capsys):
@@ -372,9 +373,9 @@ def test_cli_register(data, tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(data, tmp_path):
-    cpu = reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "cpu")
+    cpu = reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "cpu", affine=False, io=False)
     gpu = reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "gpu",
-                             device="cuda")
+                             device="cuda", affine=False, io=False)
     assert gpu.device.startswith("cuda")
     a = io.read_volume(cpu.files["warped"]).data.numpy()
     b = io.read_volume(gpu.files["warped"]).data.numpy()
@@ -395,3 +396,112 @@ def test_qc_checkerboard_slices_match_the_volume_checkerboard():
                 np.testing.assert_array_equal(
                     viz._checker_slice(a, b, axis, index, tiles, viz._window(a), viz._window(b)),
                     viz.display_slice(cb, axis, index))
+
+
+# ------------------------------------------------------------ the whole pipeline (affine, IO)
+def _moved_header(path, out, deg=20.0, shift=(16.0, -20.0, 14.0)):
+    """``path`` with its world position moved by a rigid transform (rotation ``deg`` about an
+    oblique axis through the object's centre, then ``shift`` mm): same voxels, new header."""
+    from scipy.spatial.transform import Rotation
+
+    img = nib.load(str(path))
+    rot = Rotation.from_rotvec(np.deg2rad(deg) * np.array([1.0, 2.0, 0.5])
+                               / np.linalg.norm([1.0, 2.0, 0.5])).as_matrix()
+    move = np.eye(4)
+    move[:3, :3] = rot
+    move[:3, 3] = CENTRE - rot @ CENTRE + np.asarray(shift)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), move @ img.affine), str(out))
+    return out
+
+
+def _label_agreement(out, fixed_path):
+    """Share of the fixed object's voxels whose warped label equals the analytic label there."""
+    fix = io.read_volume(fixed_path)
+    truth = _labels(_world(fix.affine, fix.shape))
+    got = io.read_labels(out / "warped_seg.nii.gz", check_table=False).data.numpy()
+    return float(np.mean(got[truth > 0] == truth[truth > 0]))
+
+
+def test_pipeline_whole_transform_is_exported(data, tmp_path):
+    """Affine + network + IO (the defaults): the ITK field is the whole transform (SimpleITK
+    applying it reproduces warped.nii.gz), the affine alone is written as an ITK .tfm, and the
+    record says what ran."""
+    sitk = pytest.importorskip("SimpleITK")
+    from mambamorph.optimize.instance import IOConfig
+
+    out = tmp_path / "all"
+    cfg = IOConfig(iterations=(5, 5))
+    res = reg.register_files(data["moving"], data["fixed"], data["ckpt"], out,
+                             moving_seg=data["seg"], io_config=cfg)
+    assert {p.name for p in out.iterdir()} == set(reg.OUTPUT_NAMES.values())
+    assert res.instance_optimisation and res.affine is not None and res.folding_percent == 0
+    rec = json.loads((out / "register.json").read_text())
+    assert rec["instance_optimisation"]["iterations"] == [5, 5] and len(rec["affine"]) == 4
+    assert {"affine", "network", "instance optimisation"} <= set(rec["seconds_stages"])
+    fixed_img = sitk.ReadImage(str(data["fixed"]), sitk.sitkFloat64)
+    moving_img = sitk.ReadImage(str(data["moving"]), sitk.sitkFloat64)
+    field = sitk.Cast(sitk.ReadImage(str(out / "displacement_itk.nii.gz")),
+                      sitk.sitkVectorFloat64)
+    itk = sitk.GetArrayFromImage(sitk.Resample(moving_img, fixed_img,
+                                               sitk.DisplacementFieldTransform(field),
+                                               sitk.sitkLinear, 0.0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"), sitk.sitkFloat64))
+    interior = (slice(3, -3),) * 3
+    assert _corr(itk[interior], ours[interior]) > 0.999
+    tfm = sitk.ReadTransform(str(out / "affine_itk.tfm"))
+    assert isinstance(tfm, sitk.Transform) and tfm.GetNumberOfFixedParameters() == 3
+
+
+def test_rigidly_moved_pair_registers_like_the_aligned_one(data, tmp_path):
+    """A moving image whose header is rotated by 20 degrees and shifted by 29 mm: with the affine
+    stage the labels land where they belong, as for the aligned pair; without it they do not."""
+    from mambamorph.optimize.instance import IOConfig
+
+    cfg = IOConfig(iterations=(5, 5))
+    moved = _moved_header(data["moving"], tmp_path / "moved.nii.gz")
+    seg = _moved_header(data["seg"], tmp_path / "moved_seg.nii.gz")
+    kw = dict(io_config=cfg)
+    reg.register_files(data["moving"], data["fixed"], data["ckpt"], tmp_path / "a",
+                       moving_seg=data["seg"], **kw)
+    reg.register_files(moved, data["fixed"], data["ckpt"], tmp_path / "b", moving_seg=seg, **kw)
+    reg.register_files(moved, data["fixed"], data["ckpt"], tmp_path / "c", moving_seg=seg,
+                       affine=False, **kw)
+    aligned = _label_agreement(tmp_path / "a", data["fixed"])
+    moved_aff = _label_agreement(tmp_path / "b", data["fixed"])
+    moved_none = _label_agreement(tmp_path / "c", data["fixed"])
+    assert aligned > 0.9 and moved_aff > aligned - 0.02, (aligned, moved_aff)
+    assert moved_none < aligned - 0.1, (aligned, moved_none)  # the move matters
+
+
+def test_training_free_path(data, tmp_path, capsys):
+    """No network (model=None / --no-model): IO from the identity on the default 2 mm grid."""
+    from mambamorph.cli import main
+
+    out = tmp_path / "free"
+    rc = main(["register", str(data["moving"]), str(data["fixed"]), "--no-model", "--no-affine",
+               "--io-iterations", "3,3", "--out", str(out), "--moving-seg", str(data["seg"])])
+    text = capsys.readouterr().out
+    assert rc == 0 and "training-free" in text
+    rec = json.loads((out / "register.json").read_text())
+    assert rec["checkpoint"] is None and rec["model"] == "none"
+    assert rec["model_space"]["grid"] == list(reg.DEFAULT_GRID)
+    assert "network" not in rec["seconds_stages"]
+    assert _label_agreement(out, data["fixed"]) > 0.85
+
+
+def test_cli_register_contradictions(data, tmp_path, capsys):
+    from mambamorph.cli import main
+
+    base = ["register", str(data["moving"]), str(data["fixed"]), "--out", str(tmp_path / "x")]
+    assert main(base + ["--no-model", "--model", str(data["ckpt"])]) == 2
+    assert "contradict" in capsys.readouterr().err
+    assert main(base + ["--no-model", "--no-io"]) == 2
+    assert main(base + ["--io-iterations", "5"]) == 2
+    assert "one per level" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_model_is_the_shipped_weights():
+    from mambamorph.checkpoint import shipped_weights
+
+    assert reg.DEFAULT_MODEL == shipped_weights("mambamorph") is not None
