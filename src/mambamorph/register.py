@@ -1,49 +1,48 @@
-"""Register one pair of NIfTI files with a trained checkpoint (``mambamorph register``).
+"""Register one pair of NIfTI files (``mambamorph register``).
 
-The pair may come in any orientation, voxel size and shape. Steps:
+The pair may come in any orientation, voxel size, shape and world position. Stages:
 
-1. **Model space.** A network only works on the kind of grid it was trained on: canonical RAS+
-   arrays (see :mod:`mambamorph.io`) at the training data's voxel size and of the training grid's
-   shape, both read from the checkpoint's ``meta`` (``"spacing"`` in mm, ``"grid"`` in voxels;
-   written by ``mambamorph train``; defaults 2 mm and 96x112x96, the phantom CPU preset, with a
-   warning). The model space keeps the axis directions of the *fixed* image's canonical grid
-   (an oblique fixed image gives an oblique model grid), takes the checkpoint's spacing and
-   grid shape, and is centred on the centre of the bounding box of the fixed image's foreground
-   (:func:`model_space`).
-2. **Resampling.** Each image is min-max normalised to [0, 1] over its whole volume, as in
-   training, then resampled into the model space through world coordinates (trilinear; 0
-   outside the image, which is the image minimum after normalisation, as the training crop/pad
-   does). This assumes the pair is already roughly aligned in world (scanner) coordinates, e.g.
-   rigidly as the SR-Reg pairs are: the network only models the remaining deformation. Run a
-   rigid/affine registration first for pairs that are not.
-3. **Prediction.** The network gives a displacement ``u`` ``(3, G0, G1, G2)`` in voxels of the
-   model grid (fixed -> moving); its world (RAS mm) form is ``A[:3, :3] @ u`` for the model
-   grid's affine ``A``.
-4. **Fixed space.** That world displacement ``d`` is interpolated (trilinearly, in model-grid
-   coordinates) at every voxel ``p`` of the fixed image's canonical grid; outside the model grid
-   ``d`` is **zero** (identity), so a fixed image whose foreground reaches beyond the model grid
-   is only partly registered (a warning says so). The moving image is sampled at ``p + d(p)``
-   through its own affine (trilinear, 0 outside the moving image as ITK's default), the moving
-   label map likewise with nearest neighbour; outputs are written in the fixed image's stored
-   orientation with its affine and header (:func:`mambamorph.io.write_volume`).
+1. **Affine pre-alignment** (``affine``, default on): rigid then affine (12 parameters) in world
+   space on mutual information (:func:`mambamorph.optimize.affine.align_affine`): ``A`` maps
+   fixed-world points to moving-world points. A stage that diverges is discarded with a warning.
+2. **Model space** (:mod:`mambamorph.space`): the grid the network was trained on (the
+   checkpoint's ``meta`` spacing and grid; 2 mm and 96x112x96 without a network), with the fixed
+   image's canonical axis directions, centred on the fixed image's foreground. Each image is
+   min-max normalised over its whole volume (as in training) and resampled into it trilinearly
+   (0 outside); the moving image through ``A`` (sampled at ``A @ x``).
+3. **Network** (``model``, default the shipped ``mambamorph`` weights; ``None``: none): a
+   displacement ``u`` ``(3, G0, G1, G2)`` in model voxels (fixed -> moving) and its velocity.
+4. **Instance optimisation** (``io``, default on): the velocity refined for this pair on
+   MIND-SSD + diffusion, integrated by scaling-and-squaring
+   (:func:`mambamorph.optimize.instance.instance_optimise`), from the network's velocity or from
+   the identity.
+5. **Fixed space**: ``u`` in world mm (``d``), interpolated at every voxel ``p`` of the fixed
+   image's canonical grid (zero outside the model grid: a warning says when the fixed
+   foreground reaches beyond it); the whole transform is ``T(p) = A (p + d(p))``. The moving
+   image is sampled at ``T(p)`` through its own affine (trilinear, 0 outside, as ITK's default),
+   the label map with nearest neighbour; outputs keep the fixed image's stored orientation,
+   affine and header.
 
 Outputs (in ``out_dir``):
 
 - ``warped.nii.gz``: the moving image on the fixed grid (float32, the moving image's intensities);
 - ``warped_seg.nii.gz``: the moving label map on the fixed grid (only with ``moving_seg``);
-- ``displacement_itk.nii.gz``: ``d`` as an ITK/ANTs displacement field (5D vector NIfTI, LPS mm,
-  :func:`mambamorph.io.write_itk_displacement`); ``sitk.Resample(moving, fixed,
+- ``displacement_itk.nii.gz``: the whole transform ``T(p) - p`` as an ITK/ANTs displacement
+  field (5D vector NIfTI, LPS mm, :func:`mambamorph.io.write_itk_displacement`); ``sitk.Resample(moving, fixed,
   sitk.DisplacementFieldTransform(field), sitk.sitkLinear)`` or ``antsApplyTransforms -i MOVING
   -r FIXED -t displacement_itk.nii.gz`` reproduce ``warped.nii.gz`` (up to interpolation at the
   moving image's border);
-- ``jacobian.nii.gz``: the Jacobian determinant of ``x -> x + u(x)``, computed on the model grid
+- ``affine_itk.tfm``: ``A`` alone as an ITK transform file (with the affine stage);
+- ``jacobian.nii.gz``: the Jacobian determinant of ``x -> x + u(x)`` (the deformable stage; the
+  affine multiplies it by the constant ``det A``), computed on the model grid
   (:func:`mambamorph.metrics.jacobian_determinant`, the same numbers as the folding percentage
   and the evaluation) and resampled (trilinear) onto the fixed grid; 1 outside the model grid.
   The determinant does not depend on the coordinates it is computed in (voxels of either grid or
-  mm), so this is the determinant of the written world transform wherever it is smooth;
+  mm), so without the affine stage this is the determinant of the written transform;
 - ``qc.png``: moving (before) | fixed | warped | checkerboard | fixed edges on warped, in three
   views (:func:`mambamorph.viz.qc_overlay`);
-- ``register.json``: inputs, checkpoint, model, model space, timings, folding percentage.
+- ``register.json``: inputs, checkpoint, model, model space, affine, IO settings, stage timings,
+  folding percentage, warnings.
 """
 
 from __future__ import annotations

@@ -1,0 +1,132 @@
+"""`mambamorph register` on a dataset's fixed pairs, from files, scored like `evaluate`.
+
+Runs the whole registration of files (:func:`mambamorph.register.register_files`: affine
+pre-alignment, network, instance optimisation, outputs on the fixed grid) on the seeded pairs
+that ``mambamorph evaluate`` draws (``test_pairs(split subjects, N, seed)``), and scores each
+pair from what the command wrote:
+
+- Dice (%) of ``warped_seg.nii.gz`` against the fixed subject's label map over the 16 ROIs
+  (:func:`mambamorph.metrics.dice_per_roi`, the one Dice code);
+- from ``jacobian.nii.gz`` (the deformable stage's determinant on the fixed grid): SDlogJ (std of
+  log J over the grid less a 2-voxel border, J clipped at 1e-9 as :func:`metrics.sdlogj`), % of
+  voxels with J <= 0, and % of the fixed brain (label > 0) with J < 0.2;
+- seconds: in-process wall time of ``register_files`` per pair (model loaded each call) and, with
+  ``--commands``, the wall time of the whole ``mambamorph register`` command per pair (a new
+  Python process each time: start-up, imports, reading and writing included).
+
+    python bench/register_pairs.py DATA --split test --pairs 10 --tag default
+    python bench/register_pairs.py DATA --split val --pairs 10 --tag no-affine -- --no-affine
+
+Arguments after ``--`` are passed to ``mambamorph register`` (and mapped onto ``register_files``
+for the in-process run). Prints one table row and appends a JSON line to ``--log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _score(out: Path, fixed_seg: Path) -> dict:
+    from mambamorph.io import read_labels, read_volume
+    from mambamorph.metrics import dice_per_roi
+
+    truth = read_labels(fixed_seg).data.numpy()
+    got = read_labels(out / "warped_seg.nii.gz", check_table=False).data.numpy()
+    jac = read_volume(out / "jacobian.nii.gz").data.numpy().astype(np.float64)
+    core = jac[2:-2, 2:-2, 2:-2]
+    brain = truth > 0
+    return {"dice": float(100 * np.nanmean(dice_per_roi(got, truth))),
+            "sdlogj": float(np.log(np.clip(core, 1e-9, None)).std()),
+            "fold": float(100 * np.mean(jac <= 0)),
+            "j02": float(100 * np.mean(jac[brain] < 0.2))}
+
+
+def _kwargs(extra: list[str]) -> dict:
+    """``register_files`` keywords for the CLI flags of ``extra``."""
+    from dataclasses import replace
+
+    from mambamorph.cli import build_parser
+    from mambamorph.optimize.instance import IOConfig
+    from mambamorph.register import DEFAULT_MODEL
+
+    a = build_parser().parse_args(["register", "m", "f", "--out", "o", *extra])
+    cfg = IOConfig()
+    if a.io_iterations:
+        cfg = replace(cfg, iterations=tuple(a.io_iterations))
+    if a.io_weight is not None:
+        cfg = replace(cfg, lam=a.io_weight)
+    return {"model": None if a.no_model else (a.model or DEFAULT_MODEL), "io": not a.no_io,
+            "affine": not a.no_affine, "io_config": cfg}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", help="dataset folder (SR-Reg layout, e.g. a phantom)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moving", default="mr")
+    p.add_argument("--fixed", default="ct")
+    p.add_argument("--tag", default="")
+    p.add_argument("--commands", action="store_true",
+                   help="also time the whole `mambamorph register` command per pair")
+    p.add_argument("--log", default="register_pairs.jsonl")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from mambamorph.data.datasets import SRRegDataset, test_pairs
+    from mambamorph.register import register_files
+
+    ds = SRRegDataset(a.data, split=a.split, moving=a.moving, fixed=a.fixed)
+    pairs = test_pairs(ds.subjects, a.pairs, a.seed)
+    kw = _kwargs(extra)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mm-pairs-") as tmp:
+        for k, (m, f) in enumerate(pairs):
+            mov, fix = ds.image_path(m, a.moving), ds.image_path(f, a.fixed)
+            out = Path(tmp) / f"p{k}"
+            t0 = time.perf_counter()
+            register_files(mov, fix, out=out, moving_seg=ds.seg_path(m), **kw)
+            row = {"pair": f"{m}->{f}", "seconds": time.perf_counter() - t0,
+                   **_score(out, ds.seg_path(f))}
+            if a.commands:
+                cmd = [sys.executable, "-m", "mambamorph.cli", "register", str(mov), str(fix),
+                       "--moving-seg", str(ds.seg_path(m)), "--out", str(Path(tmp) / f"c{k}"),
+                       *extra]
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True)
+                row["command_seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    def ms(key):
+        v = np.array([r[key] for r in rows if key in r], dtype=np.float64)
+        return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+
+    summary = {"tag": a.tag, "split": a.split, "n": len(rows), "flags": extra,
+               "threads": torch.get_num_threads(),
+               **{k: ms(k) for k in ("dice", "sdlogj", "fold", "j02", "seconds",
+                                     "command_seconds")}, "rows": rows}
+    with open(a.log, "a") as fh:
+        fh.write(json.dumps(summary) + "\n")
+    d, s = summary["dice"], summary["sdlogj"]
+    print(f"| {a.tag or ' '.join(extra) or 'defaults'} | {d[0]:.2f} +- {d[1]:.2f} | {s[0]:.3f} | "
+          f"{summary['fold'][0]:.4f} | {summary['j02'][0]:.3f} | {summary['seconds'][0]:.1f} | "
+          f"{summary['command_seconds'][0]:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
