@@ -49,6 +49,36 @@ def _score(out: Path, fixed_seg: Path) -> dict:
             "j02": float(100 * np.mean(jac[brain] < 0.2))}
 
 
+def _moved(image: Path, seg: Path, folder: Path, deg: float, mm: float, seed: int):
+    """Copies of ``image`` and ``seg`` whose headers are moved by one random rigid transform:
+    rotation angle uniform in [deg / 2, deg] about a random axis through the image's foreground
+    centre, then a shift of length uniform in [mm / 2, mm] in a random direction."""
+    import nibabel as nib
+    from scipy.spatial.transform import Rotation
+
+    from mambamorph.data.preprocess import foreground_centre
+    from mambamorph.io import read_volume
+
+    rng = np.random.default_rng(seed)
+    axis = rng.normal(size=3)
+    rot = Rotation.from_rotvec(np.deg2rad(rng.uniform(deg / 2, deg)) * axis
+                               / np.linalg.norm(axis)).as_matrix()
+    shift = rng.normal(size=3)
+    shift *= rng.uniform(mm / 2, mm) / np.linalg.norm(shift)
+    c = foreground_centre(read_volume(image))
+    move = np.eye(4)
+    move[:3, :3] = rot
+    move[:3, 3] = c - rot @ c + shift
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in (image, seg):
+        img = nib.load(str(src))
+        dst = folder / src.name
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), move @ img.affine, img.header), dst)
+        out.append(dst)
+    return tuple(out)
+
+
 def _kwargs(extra: list[str]) -> dict:
     """``register_files`` keywords for the CLI flags of ``extra``."""
     from dataclasses import replace
@@ -64,7 +94,7 @@ def _kwargs(extra: list[str]) -> dict:
     if a.io_weight is not None:
         cfg = replace(cfg, lam=a.io_weight)
     return {"model": None if a.no_model else (a.model or DEFAULT_MODEL), "io": not a.no_io,
-            "affine": not a.no_affine, "io_config": cfg}
+            "affine": "none" if a.no_affine else (a.align or "affine"), "io_config": cfg}
 
 
 def main(argv=None) -> int:
@@ -82,6 +112,11 @@ def main(argv=None) -> int:
     p.add_argument("--commands", action="store_true",
                    help="also time the whole `mambamorph register` command per pair")
     p.add_argument("--log", default="register_pairs.jsonl")
+    p.add_argument("--move", type=float, nargs=2, metavar=("DEG", "MM"), default=None,
+                   help="move each moving image (and its labels) in world space by a random rigid "
+                        "transform: a rotation of up to DEG degrees about a random axis through "
+                        "its foreground centre and a shift of up to MM mm (new header, same "
+                        "voxels; seeded per pair)")
     a = p.parse_args(argv)
 
     import torch
@@ -96,14 +131,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mm-pairs-") as tmp:
         for k, (m, f) in enumerate(pairs):
             mov, fix = ds.image_path(m, a.moving), ds.image_path(f, a.fixed)
+            mseg = ds.seg_path(m)
+            if a.move:
+                mov, mseg = _moved(mov, mseg, Path(tmp) / f"moved{k}", *a.move, seed=k)
             out = Path(tmp) / f"p{k}"
             t0 = time.perf_counter()
-            register_files(mov, fix, out=out, moving_seg=ds.seg_path(m), **kw)
+            register_files(mov, fix, out=out, moving_seg=mseg, **kw)
             row = {"pair": f"{m}->{f}", "seconds": time.perf_counter() - t0,
                    **_score(out, ds.seg_path(f))}
             if a.commands:
                 cmd = [sys.executable, "-m", "mambamorph.cli", "register", str(mov), str(fix),
-                       "--moving-seg", str(ds.seg_path(m)), "--out", str(Path(tmp) / f"c{k}"),
+                       "--moving-seg", str(mseg), "--out", str(Path(tmp) / f"c{k}"),
                        *extra]
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True)

@@ -26,6 +26,9 @@ def _grid(text: str) -> list[int]:
     return dims
 
 
+_ALIGN_DEFAULT = "affine"  # register's pre-alignment (docs/results.md: chosen on validation pairs)
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace("x", ",").split(",") if t.strip()]
@@ -138,7 +141,7 @@ def cmd_register(a) -> int:
     if a.io_weight is not None:
         cfg = replace(cfg, lam=a.io_weight)
     res = register_files(a.moving, a.fixed, model, a.out, moving_seg=a.moving_seg,
-                         device=a.device, overwrite=a.overwrite, affine=not a.no_affine,
+                         device=a.device, overwrite=a.overwrite, affine="none" if a.no_affine else (a.align or _ALIGN_DEFAULT),
                          io=not a.no_io, io_config=cfg)
     print(res)
     return 0
@@ -254,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-free: no network, instance optimisation from the identity")
     r.add_argument("--no-io", action="store_true",
                    help="no instance optimisation: the network's field alone (fastest)")
-    r.add_argument("--no-affine", action="store_true",
-                   help="no rigid/affine pre-alignment (for pairs already aligned in world space)")
+    r.add_argument("--align", choices=["affine", "rigid", "none"], default=None,
+                   help="pre-alignment in world space: rigid then affine, rigid only, or none "
+                        f"(default {_ALIGN_DEFAULT})")
+    r.add_argument("--no-affine", action="store_true", help="same as --align none")
     r.add_argument("--io-iterations", type=_ints, default=None, metavar="N[,N...]",
                    help="instance optimisation: Adam iterations per level, coarse to fine "
                         f"(default {','.join(map(str, _io_default('iterations')))})")

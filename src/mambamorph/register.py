@@ -222,7 +222,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                    out: str | os.PathLike = "mambamorph-register",
                    moving_seg: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu", overwrite: bool = False,
-                   affine: bool = True, io: bool = True,
+                   affine: bool | str = True, io: bool = True,
                    io_config: IOConfig | None = None) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and write the results.
 
@@ -244,7 +244,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             the moving image in world space), warped with nearest neighbour.
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
         overwrite: replace existing output files.
-        affine: run the rigid + affine pre-alignment first (default on).
+        affine: the pre-alignment: ``True`` / ``"affine"`` (default: rigid then affine),
+            ``"rigid"`` (rigid only), ``False`` / ``"none"`` (off).
         io: refine the field by instance optimisation (default on).
         io_config: settings of the instance optimisation (default :class:`IOConfig()`, chosen on
             the phantom's validation pairs: docs/io-tuning.md).
@@ -260,10 +261,14 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
     stages: dict[str, float] = {}
     notes: list[str] = []
     out_dir = Path(out)
-    if model is None and not io and not affine:
+    align = {True: "affine", False: "none"}.get(affine, affine)
+    if align not in ("affine", "rigid", "none"):
+        raise InputError(f"affine pre-alignment: expected 'affine', 'rigid' or 'none', got "
+                         f"{affine!r}")
+    if model is None and not io and align == "none":
         raise InputError("nothing to register: no network, no instance optimisation and no "
                          "affine stage")
-    paths = _outputs(out_dir, moving_seg is not None, overwrite, with_affine=affine)
+    paths = _outputs(out_dir, moving_seg is not None, overwrite, with_affine=align != "none")
     dev = resolve_device(device)
     ckpt = _check_checkpoint_arg(model) if model is not None else None
 
@@ -281,9 +286,9 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             log.warning("%s: grid differs from the moving image's %s; it is sampled through "
                         "its own affine", seg.path, mov.path)
         aff = None
-        if affine:
+        if align != "none":
             with stage(stages, "affine"):
-                aff = align_affine(mov, fix)
+                aff = align_affine(mov, fix, affine=align == "affine")
             notes += aff.warnings
         with stage(stages, "model space + resample to it"):
             space, defaulted, mov_t, fix_t = _to_model_space(pool, net, info, ckpt, mov, fix,
