@@ -199,6 +199,19 @@ def greedy_flow(moving: np.ndarray, fixed: np.ndarray, spacing: Sequence[float],
     Raises:
         MambaMorphError: picsl-greedy is not installed.
     """
+    return _greedy_register(moving, fixed, spacing, iterations, metric, threads)[0]
+
+
+def _greedy_register(moving: np.ndarray, fixed: np.ndarray, spacing: Sequence[float],
+                     iterations: Sequence[int], metric: str, threads: int | None,
+                     reslice: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """greedy of two ``(D0, D1, D2)`` arrays.
+
+    Returns:
+        ``(flow, warped)``: the ``(3, D0, D1, D2)`` float32 displacement in voxels (package
+        convention) and, with ``reslice``, greedy's own resampling of ``moving`` by its warp
+        (what warping ``moving`` by ``flow`` should reproduce), else ``None``.
+    """
     greedy = _import_peer("picsl_greedy", "greedy")
     import SimpleITK as sitk
 
@@ -208,9 +221,13 @@ def greedy_flow(moving: np.ndarray, fixed: np.ndarray, spacing: Sequence[float],
     with _silence_stdout():
         g.execute(f"-d 3 -i fixed moving -m {metric} -n {n} -threads {threads} -o warp",
                   fixed=_to_sitk(fixed, spacing), moving=_to_sitk(moving, spacing), warp=None)
+        if reslice:
+            g.execute(f"-d 3 -threads {threads} -rf fixed -rm moving resliced -r warp",
+                      resliced=None)
     # greedy's warp maps fixed points into the moving image, in mm along the physical axes
     disp = sitk.GetArrayFromImage(g["warp"]).transpose(2, 1, 0, 3)  # (D0, D1, D2, 3) mm
-    return _mm_to_voxels(disp, spacing)
+    warped = (sitk.GetArrayFromImage(g["resliced"]).transpose(2, 1, 0) if reslice else None)
+    return _mm_to_voxels(disp, spacing), warped
 
 
 def greedy_method(iterations: Sequence[int] = (100, 50, 20), metric: str = "NMI",
