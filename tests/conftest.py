@@ -45,3 +45,13 @@ def tiny_pair(tiny_phantom):
     return {"moving": item["moving"][None].float(), "fixed": item["fixed"][None].float(),
             "moving_seg": item["moving_seg"][0].numpy(), "fixed_seg": item["fixed_seg"][0].numpy(),
             "spacing": tuple(float(s) for s in ds.spacing)}
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (instance optimisation's many small ops run far slower
+    on two threads of a busy 2-core machine), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -111,10 +111,11 @@ _NOTES = (
     "label warping. "
     "HD95: 95th percentile of the pooled surface distances of both directions (mm), mean "
     "over the ROIs (the 'max' variant is in results.csv/json). Folding: % of all voxels with "
-    "a non-positive Jacobian determinant (J <= 0). SDlogJ: standard deviation of log J over "
+    "a non-positive Jacobian determinant (J <= 0). SDlogJ: std of log J (J clipped at 1e-9) over "
     "all voxels. J < 0.2: % of the fixed image's labelled voxels (fixed label map > 0, i.e. "
     "any of the 16 ROIs) with J < 0.2, folded ones included. Values are mean ± std over "
-    "the pairs. Time: seconds per pair, device-synchronised, the first pair left out as warm-up. Memory: peak CUDA "
+    "the pairs. Time: seconds per pair, device-synchronised, the first pair left out as "
+    "warm-up. Memory: peak CUDA "
     "memory allocated (GPU) or growth of the resident set (CPU) during one registration "
     "of the largest pair, after a small warm-up registration; on a CPU it is measured in a "
     "fresh process, so it does not depend on what ran before. "
@@ -201,7 +202,8 @@ def _pairs_csv(records: Sequence[PairRecord], params: Mapping[str, int | None]) 
         mem = None if r.peak_memory_bytes is None else round(r.peak_memory_bytes / GB, 4)
         rows.append([r.method, r.pair, r.moving_id, r.fixed_id, _round(r.dice_mean),
                      _round(r.hd95_mean), _round(r.hd95_max_mean), _round(r.folding),
-                     _round(r.sdlogj), _round(r.compressed), _round(r.seconds, 6), int(r.warmup), mem,
+                     _round(r.sdlogj), _round(r.compressed), _round(r.seconds, 6),
+                     int(r.warmup), mem,
                      params.get(r.method)]
                     + [_round(v) for v in r.dice] + [_round(v) for v in r.hd95])
     return _csv_text(rows)
