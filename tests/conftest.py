@@ -30,3 +30,28 @@ def tiny_phantom(tmp_path_factory):
     build_phantom(root, n_subjects=8, preset=None, grid=(32, 48, 32), spacing=5.0, seed=0,
                   n_val=2, n_test=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_phantom):
+    """The first MR -> CT test pair of ``tiny_phantom`` (32x48x32 at 5 mm): ``moving``/``fixed``
+    ``(1, 1, D0, D1, D2)`` float32 images, ``moving_seg``/``fixed_seg`` ``(D0, D1, D2)`` compact
+    ROI indices (numpy), ``spacing`` in mm."""
+    from mambamorph.config import DataConfig
+    from mambamorph.data.datasets import open_dataset, test_pairs
+
+    ds = open_dataset(DataConfig(root=str(tiny_phantom)), "test", 0)
+    item = next(iter(ds.pairs(test_pairs(ds.subjects, 1, 0))))
+    return {"moving": item["moving"][None].float(), "fixed": item["fixed"][None].float(),
+            "moving_seg": item["moving_seg"][0].numpy(), "fixed_seg": item["fixed_seg"][0].numpy(),
+            "spacing": tuple(float(s) for s in ds.spacing)}
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (instance optimisation's many small ops run far slower
+    on two threads of a busy 2-core machine), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -152,3 +152,42 @@ def test_refusals_name_no_flag_but_the_cli_says_how(tiny_phantom, tmp_path, caps
         assert err.count("--") == 1 and "Traceback" not in err, err
     assert (reg / "warped.nii.gz").read_bytes() == b"earlier result"
     assert sorted(p.name for p in ev.iterdir()) == ["notes.txt"]
+
+
+def test_evaluate_parses_the_method_options():
+    from mambamorph.cli import build_parser
+
+    a = build_parser().parse_args(["evaluate", "a.json", "b.json+io", "--io", "--methods", "io",
+                                   "convexadam", "greedy", "ants-syn", "--ants", "--out", "x"])
+    assert a.checkpoints == ["a.json", "b.json+io"] and a.io and a.ants
+    assert a.methods == ["io", "convexadam", "greedy", "ants-syn"]
+    a = build_parser().parse_args(["evaluate", "a.json", "--out", "x"])
+    assert not a.io and not a.ants and a.methods is None
+
+
+def test_evaluate_cli_io_rows(tiny_phantom, tmp_path, capsys, monkeypatch, one_thread):
+    """--io adds '<model> + IO' after each checkpoint, --methods io the training-free row; a
+    missing peer is one line naming its pip command."""
+    import sys
+
+    from mambamorph.checkpoint import save_model
+    from mambamorph.models import build_model
+
+    # memory is measured in a fresh process per method (tested in test_evaluate.py); not here
+    monkeypatch.setattr("mambamorph.evaluation.run.peak_memory", lambda *a, **k: (1, "CPU RSS"))
+    ckpt = tmp_path / "vm"
+    save_model(ckpt, build_model("voxelmorph"))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(ckpt) + ".json", "--io", "--methods", "io", "--data",
+                 str(tiny_phantom), "--pairs", "2", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    names = [s["name"] for s in json.loads((out / "results.json").read_text())["summary"]]
+    assert names == ["Initial", "VoxelMorph", "VoxelMorph + IO", "IO (training-free)"]
+    assert "| IO (training-free) |" in text and "J < 0.2 (%)" in text
+    monkeypatch.setitem(sys.modules, "picsl_greedy", None)
+    assert main(["evaluate", "--methods", "greedy", "--data", str(tiny_phantom), "--out",
+                 str(tmp_path / "e2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install picsl-greedy" in err and "Traceback" not in err
+    assert not (tmp_path / "e2").exists()

@@ -115,7 +115,8 @@ def test_files_written_and_parse(result):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(PAIRS)
     for col in ("method", "pair", "moving_id", "fixed_id", "dice", "hd95", "hd95_max",
-                "folding_percent", "sdlogj", "seconds", "warmup", "peak_memory_gb", "params",
+                "folding_percent", "sdlogj", "compressed_percent", "seconds", "warmup",
+                "peak_memory_gb", "params",
                 "dice_lateral_ventricle", "hd95_ventral_DC"):
         assert col in rows[0]
     assert {r["method"] for r in rows} == {"Initial", "VoxelMorph"}
@@ -156,9 +157,9 @@ def test_identity_row_is_the_raw_pair(result):
     assert s.dice_mean == pytest.approx(np.mean(per_pair))
     assert s.dice_std == pytest.approx(np.std(per_pair))
     assert s.seconds_mean is None and s.peak_memory_bytes is None and s.params is None
-    assert s.folding_mean is None and s.sdlogj_mean is None
+    assert s.folding_mean is None and s.sdlogj_mean is None and s.compressed_mean is None
     row = next(line for line in str(res).splitlines() if line.startswith("| Initial |"))
-    assert row.count("| - ") == 5  # folding, SDlogJ, time, memory, params
+    assert row.count("| - ") == 6  # folding, SDlogJ, J < 0.2, time, memory, params
 
 
 def test_checkpoint_row_matches_an_independent_computation(result, checkpoint):
@@ -180,6 +181,7 @@ def test_checkpoint_row_matches_an_independent_computation(result, checkpoint):
         np.testing.assert_allclose(rec.dice, 100 * dice_per_roi(warped, seg_f), equal_nan=True)
         assert rec.folding is not None and 0 <= rec.folding <= 100
         assert rec.sdlogj is not None and rec.sdlogj > 0
+        assert rec.compressed is not None and 0 <= rec.compressed <= 100
         assert rec.seconds > 0
     assert moved_any  # the test model really deforms, so the rows differ from the identity
     s = res.summary("VoxelMorph")
@@ -220,6 +222,53 @@ def test_time_leaves_out_the_first_pair(tmp_path):
     # a zero field: the same scores as the identity, no folds
     assert s.folding_mean == 0 and s.sdlogj_mean == pytest.approx(0)
     assert not list((tmp_path / "o").glob("fig2_*.png"))
+
+
+def _ramp_method(c: float) -> ev.Method:
+    """A field with an analytic Jacobian: u_0(x) = c x_0^2 / 2, so J = 1 + c x_0 (central
+    differences are exact for a quadratic; one-sided on the border)."""
+
+    def make_runner(device):
+        def run(moving, fixed, spacing):
+            x0 = torch.arange(fixed.shape[2], dtype=torch.float32).view(-1, 1, 1)
+            flow = torch.zeros((1, 3, *fixed.shape[2:]))
+            flow[0, 0] = (c * x0 ** 2 / 2).expand(*fixed.shape[2:])
+            return flow
+
+        return run
+
+    return ev.Method(name="Ramp", kind="classical", make_runner=make_runner)
+
+
+def test_compressed_column_on_an_analytic_field(tmp_path):
+    """J = 1 - 0.047 x_0: J < 0.2 for x_0 >= 18, J <= 0 for x_0 >= 22 (and on the far border);
+    the new column counts the fixed image's labelled voxels only, folding counts all voxels."""
+    ds = TinyDataset()
+    res = ev.evaluate([ev.identity_method(), _ramp_method(-0.047)], ds, PAIRS, tmp_path / "o",
+                      n_figures=0)
+    for rec in (r for r in res.records if r.method == "Ramp"):
+        brain = ds.data[rec.fixed_id][2] > 0
+        assert not brain[0].any() and not brain[-1].any()  # no border voxel: J is exact there
+        x0 = np.arange(SHAPE[0]).reshape(-1, 1, 1) * np.ones(SHAPE)
+        expected = 100 * np.mean(x0[brain] >= 18)
+        assert 0 < expected < 100
+        assert rec.compressed == pytest.approx(expected)
+        assert rec.folding == pytest.approx(100 * 10 / SHAPE[0])  # x_0 = 22..31
+    s = res.summary("Ramp")
+    values = [r.compressed for r in res.records if r.method == "Ramp"]
+    assert s.compressed_mean == pytest.approx(np.mean(values))
+    assert s.compressed_std == pytest.approx(np.std(values))
+    row = next(line for line in str(res).splitlines() if line.startswith("| Ramp |"))
+    col = ev.TABLE_COLUMNS.index("J < 0.2 (%)")
+    assert row.split("|")[col + 1].strip() == f"{s.compressed_mean:.3f} ± {s.compressed_std:.3f}"
+    with open(tmp_path / "o" / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == "Ramp"]
+    assert [float(r["compressed_percent"]) for r in rows] == pytest.approx(values, abs=1e-5)
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [p["compressed_percent"] for p in doc["pairs"] if p["method"] == "Ramp"] == \
+        pytest.approx(values)
+    assert doc["meta"]["compressed_threshold"] == 0.2
+    assert "labelled voxels" in (tmp_path / "o" / "results.md").read_text()
 
 
 def test_out_dir_protection(tmp_path, checkpoint):
@@ -272,7 +321,7 @@ def test_ants_missing_names_the_install_command(monkeypatch):
 def test_ants_field_reproduces_ants_resampling():
     """The converted field (voxels, our axis order) warps like ANTs itself, at any spacing."""
     ants = pytest.importorskip("ants")
-    from mambamorph.evaluation.methods import _ants_register
+    from mambamorph.evaluation.peers import _ants_register
 
     g = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")).astype(float)
 

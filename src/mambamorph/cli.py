@@ -116,7 +116,7 @@ def cmd_evaluate(a) -> int:
                              moving=a.moving, fixed=a.fixed, grid=a.grid, n_pairs=a.pairs,
                              seed=a.seed, out_dir=a.out, device=a.device,
                              identity=not a.no_identity, ants=a.ants, overwrite=a.overwrite,
-                             progress=not a.quiet)
+                             progress=not a.quiet, io=a.io, specs=a.methods or ())
     print(summary)
     return 0
 
@@ -221,20 +221,39 @@ def build_parser() -> argparse.ArgumentParser:
     quiet(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="score checkpoints on fixed test pairs")
-    e.add_argument("checkpoints", nargs="*", help="checkpoint files (.safetensors or .json)")
+    e = sub.add_parser("evaluate", help="score checkpoints and other methods on fixed test pairs",
+                       description="Score registration methods on the same fixed test pairs: "
+                       "Dice, HD95, folding (%% of voxels with J <= 0), SDlogJ, %% of the fixed "
+                       "brain's labelled voxels with J < 0.2, time, memory, parameters.")
+    e.add_argument("checkpoints", nargs="*",
+                   help="checkpoint files (.safetensors or .json), one row each; PATH+io: that "
+                   "checkpoint refined by instance optimisation instead")
     e.add_argument("--data", help="dataset folder in SR-Reg layout")
     e.add_argument("--manifest", help="CSV manifest")
-    e.add_argument("--moving", default="mr")
-    e.add_argument("--fixed", default="ct")
-    e.add_argument("--grid", type=_grid)
+    e.add_argument("--moving", default="mr", help="moving modality (default mr)")
+    e.add_argument("--fixed", default="ct", help="fixed modality (default ct)")
+    e.add_argument("--grid", type=_grid, help="crop/pad volumes to this grid, e.g. 96x112x96")
     e.add_argument("--pairs", type=int, default=20, help="number of fixed test pairs (20)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of the test-pair draw and of ANTs SyN (0)")
+    e.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda, cuda:1; the peers always run "
+                   "on the CPU")
     e.add_argument("--no-identity", action="store_true", help="leave out the 'Initial' row")
-    e.add_argument("--ants", action="store_true", help="add ANTs SyN (needs mambamorph[ants])")
+    e.add_argument("--io", action="store_true",
+                   help="after each checkpoint, add a row of its prediction refined by instance "
+                   "optimisation (MIND-SSD, default settings), e.g. 'MambaMorph + IO'")
+    e.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="further rows: io (instance optimisation from the identity, "
+                   "training-free), convexadam (ConvexAdam's package defaults; pip install "
+                   "convexadam), greedy (NMI, 100x50x20; pip install picsl-greedy), ants-syn "
+                   "(SyNOnly, Mattes MI, 40x20x10; pip install \"mambamorph[ants]\"), a "
+                   "checkpoint path, or PATH+io")
+    e.add_argument("--ants", action="store_true",
+                   help="add ANTs SyN (same as --methods ants-syn; needs mambamorph[ants])")
     e.add_argument("--out", required=True, help="folder for tables and figures")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier evaluation's files in --out")
     quiet(e)
     e.set_defaults(func=cmd_evaluate)
 

@@ -6,17 +6,23 @@ Built in:
 - :func:`identity_method` (the paper's "Initial" row): zero field; no time, memory or parameters;
 - :func:`checkpoint_method` (``kind="learned"``): a checkpoint written by
   :func:`mambamorph.checkpoint.save_model`;
-- :func:`ants_syn_method` (``kind="classical"``): ANTs SyN with a Mattes mutual-information
-  metric (optional ``antspyx``).
+- :func:`checkpoint_io_method` (``kind="learned+optimisation"``, row e.g. "MambaMorph + IO"):
+  the checkpoint's prediction refined by instance optimisation
+  (:func:`mambamorph.optimize.instance.instance_optimise`);
+- :func:`io_method` (``kind="optimisation"``, row "IO (training-free)"): instance optimisation
+  from the identity.
 
-Adding a method (an instance optimiser, another classical tool, ...) takes one factory function
-here that returns a :class:`Method`, and, to reach it from a command-line word, one entry in
+Optional peers, each needing its own package, live in :mod:`mambamorph.evaluation.peers`:
+ANTs SyN, greedy and ConvexAdam.
+
+Adding a method (another optimiser, another classical tool, ...) takes one factory function
+that returns a :class:`Method`, and, to reach it from a command-line word, one entry in
 :data:`SPEC_WORDS`. The evaluator only calls ``method.make_runner(device)`` once per evaluation
 and then ``run(moving, fixed, spacing) -> flow`` once per pair; it never looks at ``kind``
 except that ``"identity"`` is scored without running anything. Give ``make_runner`` as a
 module-level function (or a ``functools.partial`` of one, as the built-in methods do) so that a
 method pickles: CPU memory is then measured in a fresh process
-(:func:`mambamorph.evaluation.memory.peak_memory`); a method that does not pickle (a closure)
+(:func:`mambamorph.runtime.peak_memory`); a method that does not pickle (a closure)
 is measured in the evaluating process instead.
 """
 
@@ -24,25 +30,24 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mambamorph.errors import InputError, MambaMorphError
+from mambamorph.errors import InputError
 
 __all__ = [
-    "ANTS_INSTALL_HINT",
     "DISPLAY_NAMES",
     "SPEC_WORDS",
+    "IO_SUFFIX",
     "FlowFn",
     "Method",
     "identity_method",
     "checkpoint_method",
-    "ants_syn_method",
+    "checkpoint_io_method",
+    "io_method",
     "method_from_spec",
     "unique_names",
 ]
@@ -57,7 +62,6 @@ DISPLAY_NAMES = {
     "voxelmorph-feat": "VoxelMorph-feat",
     "xmorpher": "XMorpher",
 }
-ANTS_INSTALL_HINT = 'pip install "mambamorph[ants]"'
 
 #: ``run(moving, fixed, spacing) -> flow``: moving/fixed ``(1, 1, D0, D1, D2)`` float32 on the
 #: evaluation device, spacing in mm; returns a ``(1, 3, D0, D1, D2)`` float displacement in voxels.
@@ -71,14 +75,15 @@ class Method:
     Attributes:
         name: the row label in the tables (unique within an evaluation).
         kind: ``"identity"`` (scored without running: the unregistered pair), ``"learned"``,
-            ``"classical"``, or any other word a new kind of method wants in the records.
+            ``"learned+optimisation"``, ``"optimisation"``, ``"classical"``, or any other word a
+            new kind of method wants in the records.
         make_runner: ``make_runner(device) -> run`` prepares the method on ``device`` (loads the
             weights there) and returns ``run(moving, fixed, spacing) -> flow`` (see ``FlowFn``);
             the evaluator drops ``run`` when the method is done, which frees the device memory.
         params: trainable parameters (``None`` where it does not apply).
         source: where it comes from (checkpoint path, settings), for the record.
-        device_bound: ``False`` for methods that always compute on the CPU (ANTs): their time and
-            memory are measured on the CPU whatever the evaluation device.
+        device_bound: ``False`` for methods that always compute on the CPU (the peers): their
+            time and memory are measured on the CPU whatever the evaluation device.
         label: a short tag that tells apart methods of the same name (a checkpoint's run
             folder); :func:`unique_names` appends it to clashing names.
     """
@@ -147,16 +152,29 @@ def _checkpoint_label(path: Path) -> str:
     return stem.name
 
 
-def _checkpoint_runner(path: str, overrides: dict, device: torch.device) -> FlowFn:
-    """Load the checkpoint onto ``device``; return its ``run(moving, fixed, spacing)``."""
+def _network_runner(path: str, overrides: dict, device: torch.device):
+    """Load the checkpoint onto ``device``; return ``net_out(moving, fixed)`` giving the
+    network's :class:`~mambamorph.models.RegistrationOutput` (float32, no gradient)."""
     from mambamorph.checkpoint import load_model
     from mambamorph.models import predict
 
     net, _ = load_model(path, device, **overrides)
 
     @torch.no_grad()
+    def net_out(moving, fixed):
+        out = predict(net, moving, fixed)
+        return replace(out, flow=out.flow.float(),
+                       velocity=None if out.velocity is None else out.velocity.float())
+
+    return net_out
+
+
+def _checkpoint_runner(path: str, overrides: dict, device: torch.device) -> FlowFn:
+    """Load the checkpoint onto ``device``; return its ``run(moving, fixed, spacing)``."""
+    net_out = _network_runner(path, overrides, device)
+
     def run(moving, fixed, spacing):
-        return predict(net, moving, fixed).flow.float()
+        return net_out(moving, fixed).flow
 
     return run
 
@@ -192,120 +210,127 @@ def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overri
                   params=params, source=source, label=_checkpoint_label(p))
 
 
-# --------------------------------------------------------------------------------------- ANTs
-def _import_ants():
-    try:
-        import ants  # noqa: PLC0415 (optional dependency, imported on first use)
-    except ImportError:
-        raise MambaMorphError("ANTs SyN needs the optional package antspyx, which is not "
-                              f"installed: {ANTS_INSTALL_HINT}") from None
-    return ants
+# -------------------------------------------------------------------- instance optimisation
+def _io_source(cfg) -> str:
+    return f"instance_optimise, {cfg!r}"
 
 
-def _ants_runner(iterations: tuple[int, ...], metric: str, bins: int, seed: int,
-                 device: torch.device) -> FlowFn:
-    ants = _import_ants()
+def _io_runner(cfg, device: torch.device) -> FlowFn:
+    """``run(moving, fixed, spacing)``: instance optimisation from the identity."""
+    from mambamorph.optimize.instance import instance_optimise
 
     def run(moving, fixed, spacing):
-        flow, _ = _ants_register(ants, moving[0, 0].detach().cpu().numpy(),
-                                 fixed[0, 0].detach().cpu().numpy(), spacing, iterations,
-                                 metric, bins, seed)
-        return torch.from_numpy(flow)[None].to(fixed.device)  # (1, 3, D0, D1, D2)
+        return instance_optimise(moving, fixed, cfg=cfg).flow
 
     return run
 
 
-def ants_syn_method(iterations: Sequence[int] = (40, 20, 10), metric: str = "mattes",
-                    bins: int = 32, seed: int = 0, name: str = "ANTs SyN") -> Method:
-    """ANTs SyN (deformable only, no affine stage) as the classical reference.
-
-    Runs ``ants.registration(type_of_transform="SyNOnly", syn_metric=metric, ...)`` on the
-    pair with its voxel spacing, composes the forward transforms into one displacement field,
-    and converts it to the package convention (voxels, channel ``i`` along array axis ``i``).
-    Always computes on the CPU (time per pair: docs/results.md).
+def io_method(cfg=None, name: str = "IO (training-free)") -> Method:
+    """Training-free instance optimisation: :func:`mambamorph.optimize.instance.
+    instance_optimise` from the identity (MIND-SSD on a stationary velocity field) on the
+    evaluation device.
 
     Args:
-        iterations: SyN iterations per level, coarse to fine (default 40x20x10).
-        metric: ANTs metric name (``"mattes"`` mutual information by default; ``"CC"``,
-            ``"meansquares"`` ...).
-        bins: histogram bins of the Mattes metric (``syn_sampling``).
-        seed: ANTs random seed (repeatable runs).
+        cfg: :class:`mambamorph.optimize.instance.IOConfig` (default its defaults). The
+            evaluation grid must be divisible by its level factors (8 and 4 by default).
         name: row label.
     Returns:
-        A ``"classical"`` :class:`Method`.
-    Raises:
-        MambaMorphError: antspyx is not installed (the message says how to install it).
+        An ``"optimisation"`` :class:`Method` (no trained parameters).
     """
-    ants = _import_ants()
-    iters = tuple(int(i) for i in iterations)
-    return Method(name=name, kind="classical",
-                  make_runner=functools.partial(_ants_runner, iters, metric, int(bins),
-                                                int(seed)),
-                  params=None,
-                  source=(f"antspyx {getattr(ants, '__version__', '?')}: SyNOnly, {metric} "
-                          f"({bins} bins), iterations {'x'.join(map(str, iters))}, seed {seed}"),
-                  device_bound=False)
+    from mambamorph.optimize.instance import IOConfig
+
+    cfg = cfg or IOConfig()
+    return Method(name=name, kind="optimisation", make_runner=functools.partial(_io_runner, cfg),
+                  params=None, source=_io_source(cfg))
 
 
-def _ants_register(ants, moving: np.ndarray, fixed: np.ndarray, spacing, iterations,
-                   metric: str, bins: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """ANTs SyN of two ``(D0, D1, D2)`` arrays.
+def _checkpoint_io_runner(path: str, overrides: dict, cfg, device: torch.device) -> FlowFn:
+    """Load the checkpoint onto ``device``; ``run`` refines its prediction by IO."""
+    from mambamorph.optimize.instance import instance_optimise
 
+    predict_flow = _network_runner(path, overrides, device)
+
+    def run(moving, fixed, spacing):
+        out = predict_flow(moving, fixed)
+        if out.velocity is not None:
+            return instance_optimise(moving, fixed, init_velocity=out.velocity, cfg=cfg).flow
+        return instance_optimise(moving, fixed, init_flow=out.flow, cfg=cfg).flow
+
+    return run
+
+
+def checkpoint_io_method(path: str | os.PathLike, cfg=None, name: str | None = None,
+                         **overrides) -> Method:
+    """A checkpoint's prediction refined by instance optimisation: the network's stationary
+    velocity (``RegistrationOutput.velocity``), or its displacement when the model has none,
+    starts :func:`mambamorph.optimize.instance.instance_optimise`. Time and memory cover both
+    stages.
+
+    Args:
+        path: the stem or either file of the checkpoint.
+        cfg: :class:`mambamorph.optimize.instance.IOConfig` (default its defaults).
+        name: row label; default the model's name + ``" + IO"`` (e.g. ``"MambaMorph + IO"``).
+        overrides: config fields for :func:`mambamorph.checkpoint.load_model`.
     Returns:
-        ``(flow, warped)``: the composed forward transform as a ``(3, D0, D1, D2)`` float32
-        displacement in voxels (package convention), and ANTs' own resampling of ``moving``
-        into the fixed grid (what warping ``moving`` by ``flow`` should reproduce).
+        A ``"learned+optimisation"`` :class:`Method` (params: the network's).
+    Raises:
+        InputError: missing or unreadable checkpoint, unknown model, mismatching weights.
     """
-    sp = tuple(float(s) for s in spacing)
-    # origin 0, identity direction: physical axis i is array axis i, scaled by spacing[i]
-    fixed_img = ants.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32), spacing=sp)
-    moving_img = ants.from_numpy(np.ascontiguousarray(moving, dtype=np.float32), spacing=sp)
-    with tempfile.TemporaryDirectory(prefix="mambamorph-ants-") as tmp:
-        reg = ants.registration(fixed=fixed_img, moving=moving_img, type_of_transform="SyNOnly",
-                                syn_metric=metric, syn_sampling=bins,
-                                reg_iterations=tuple(iterations), random_seed=seed,
-                                outprefix=os.path.join(tmp, "syn_"), verbose=False)
-        # all forward transforms composed into one displacement field file
-        field_path = ants.apply_transforms(fixed=fixed_img, moving=moving_img,
-                                           transformlist=reg["fwdtransforms"],
-                                           compose=os.path.join(tmp, "composed_"))
-        disp = ants.image_read(field_path).numpy()  # (D0, D1, D2, 3), mm along physical axes
-        warped = reg["warpedmovout"].numpy()
-    if disp.shape != (*fixed.shape, 3):
-        raise RuntimeError(f"ANTs returned a displacement field of shape {disp.shape}, "
-                           f"expected {(*fixed.shape, 3)}")
-    # ANTs maps fixed-space points into the moving image (x -> x + u(x)), as this package does;
-    # only the unit changes: mm -> voxels, component i along array axis i
-    flow = np.moveaxis(disp, -1, 0) / np.asarray(sp, dtype=np.float64).reshape(3, 1, 1, 1)
-    return flow.astype(np.float32), warped
+    from mambamorph.optimize.instance import IOConfig
+
+    cfg = cfg or IOConfig()
+    net = checkpoint_method(path, **overrides)
+    return replace(net, name=name or f"{net.name} + IO", kind="learned+optimisation",
+                   make_runner=functools.partial(_checkpoint_io_runner, str(Path(path)),
+                                                 dict(overrides), cfg),
+                   source=f"{net.source} + {_io_source(cfg)}")
+
+
+# ---------------------------------------------------------------------------- optional peers
+def _peer(factory: str, **kwargs) -> Method:
+    """A peer of :mod:`mambamorph.evaluation.peers` (imported on first use)."""
+    from mambamorph.evaluation import peers
+
+    return getattr(peers, factory)(**kwargs)
 
 
 # ------------------------------------------------------------------------------ by name, names
 #: command-line word -> factory of a :class:`Method` with default settings; anything else is
-#: read as a checkpoint path by :func:`method_from_spec`.
+#: read as a checkpoint path (``PATH+io``: the checkpoint refined by IO) by
+#: :func:`method_from_spec`. The peers need their optional packages.
 SPEC_WORDS: dict[str, Callable[[], Method]] = {
     "identity": identity_method,
     "initial": identity_method,
-    "ants-syn": ants_syn_method,
-    "ants": ants_syn_method,
+    "io": io_method,
+    "ants-syn": functools.partial(_peer, "ants_syn_method"),
+    "ants": functools.partial(_peer, "ants_syn_method"),
+    "greedy": functools.partial(_peer, "greedy_method"),
+    "convexadam": functools.partial(_peer, "convexadam_method"),
 }
+IO_SUFFIX = "+io"
 
 
 def method_from_spec(spec: str, **overrides) -> Method:
     """A method from a command-line word (a key of :data:`SPEC_WORDS`, case-insensitive:
-    ``identity``/``initial``, ``ants-syn``/``ants``) or a checkpoint path.
+    ``identity``/``initial``, ``io``, ``ants-syn``/``ants``, ``greedy``, ``convexadam``), a
+    checkpoint path, or a checkpoint path ending in ``+io`` (the checkpoint refined by
+    instance optimisation, see :func:`checkpoint_io_method`).
 
     Args:
         spec: the word or path.
         overrides: model config fields for a checkpoint (see :func:`checkpoint_method`).
     Raises:
         InputError: a checkpoint that cannot be loaded.
-        MambaMorphError: ``ants-syn`` without antspyx.
+        MambaMorphError: a peer whose optional package is not installed (the message names
+            the pip command).
     """
     factory = SPEC_WORDS.get(str(spec).strip().lower())
     if factory is not None:
         return factory()
-    return checkpoint_method(spec, **overrides)
+    text = str(spec).strip()
+    if text.lower().endswith(IO_SUFFIX):
+        return checkpoint_io_method(text[:-len(IO_SUFFIX)], **overrides)
+    return checkpoint_method(text, **overrides)
 
 
 def unique_names(methods: Sequence[Method]) -> list[Method]:

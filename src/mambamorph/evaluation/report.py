@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 __all__ = ["TABLE_COLUMNS", "OUTPUT_NAMES", "is_output", "results_table", "roi_table",
            "write_tables", "write_figures"]
 
-TABLE_COLUMNS = ("Method", "Dice (%)", "HD95 (mm)", "Folding (%)", "SDlogJ", "Time (s)",
-                 "Memory (GB)", "Params (M)")
+TABLE_COLUMNS = ("Method", "Dice (%)", "HD95 (mm)", "Folding (%)", "SDlogJ", "J < 0.2 (%)",
+                 "Time (s)", "Memory (GB)", "Params (M)")
 
 #: the fixed file names of an evaluation (the Fig. 2 files are ``fig2_pair<k>.png``).
 OUTPUT_NAMES = ("results.md", "results.csv", "results.json", "per_roi_dice.md",
@@ -85,6 +85,7 @@ def results_table(summaries: Sequence[MethodSummary]) -> str:
             _pm(s.hd95_mean, s.hd95_std, 2),
             _pm(s.folding_mean, s.folding_std, 3),
             _pm(s.sdlogj_mean, s.sdlogj_std, 3),
+            _pm(s.compressed_mean, s.compressed_std, 3),
             "-" if s.seconds_mean is None else f"{s.seconds_mean:.3f}",
             _memory_cell(s),
             "-" if s.params is None else f"{s.params / 1e6:.2f}",
@@ -109,9 +110,12 @@ _NOTES = (
     "Dice: mean over the 16 ROIs (those present) of each pair, x100; nearest-neighbour "
     "label warping. "
     "HD95: 95th percentile of the pooled surface distances of both directions (mm), mean "
-    "over the ROIs (the 'max' variant is in results.csv/json). Folding: % of voxels with "
-    "Jacobian determinant <= 0. Values are mean ± std over the pairs. Time: seconds per "
-    "pair, device-synchronised, the first pair left out as warm-up. Memory: peak CUDA "
+    "over the ROIs (the 'max' variant is in results.csv/json). Folding: % of all voxels with "
+    "a non-positive Jacobian determinant (J <= 0). SDlogJ: std of log J (J clipped at 1e-9) over "
+    "all voxels. J < 0.2: % of the fixed image's labelled voxels (fixed label map > 0, i.e. "
+    "any of the 16 ROIs) with J < 0.2, folded ones included. Values are mean ± std over "
+    "the pairs. Time: seconds per pair, device-synchronised, the first pair left out as "
+    "warm-up. Memory: peak CUDA "
     "memory allocated (GPU) or growth of the resident set (CPU) during one registration "
     "of the largest pair, after a small warm-up registration; on a CPU it is measured in a "
     "fresh process, so it does not depend on what ran before. "
@@ -172,7 +176,8 @@ def _record_dict(r: PairRecord) -> dict:
     return {
         "method": r.method, "pair": r.pair, "moving_id": r.moving_id, "fixed_id": r.fixed_id,
         "dice": r.dice_mean, "hd95": r.hd95_mean, "hd95_max": r.hd95_max_mean,
-        "folding_percent": r.folding, "sdlogj": r.sdlogj, "seconds": r.seconds,
+        "folding_percent": r.folding, "sdlogj": r.sdlogj, "compressed_percent": r.compressed,
+        "seconds": r.seconds,
         "warmup": r.warmup, "peak_memory_bytes": r.peak_memory_bytes,
         "dice_per_roi": r.dice, "hd95_per_roi": r.hd95, "hd95_max_per_roi": r.hd95_max,
     }
@@ -190,13 +195,15 @@ def _csv_text(rows: list[list]) -> str:
 def _pairs_csv(records: Sequence[PairRecord], params: Mapping[str, int | None]) -> str:
     roi_cols = [f"dice_{_slug(n)}" for n in ROI_NAMES] + [f"hd95_{_slug(n)}" for n in ROI_NAMES]
     head = ["method", "pair", "moving_id", "fixed_id", "dice", "hd95", "hd95_max",
-            "folding_percent", "sdlogj", "seconds", "warmup", "peak_memory_gb", "params"]
+            "folding_percent", "sdlogj", "compressed_percent", "seconds", "warmup",
+            "peak_memory_gb", "params"]
     rows: list[list] = [head + roi_cols]
     for r in records:
         mem = None if r.peak_memory_bytes is None else round(r.peak_memory_bytes / GB, 4)
         rows.append([r.method, r.pair, r.moving_id, r.fixed_id, _round(r.dice_mean),
                      _round(r.hd95_mean), _round(r.hd95_max_mean), _round(r.folding),
-                     _round(r.sdlogj), _round(r.seconds, 6), int(r.warmup), mem,
+                     _round(r.sdlogj), _round(r.compressed), _round(r.seconds, 6),
+                     int(r.warmup), mem,
                      params.get(r.method)]
                     + [_round(v) for v in r.dice] + [_round(v) for v in r.hd95])
     return _csv_text(rows)

@@ -28,8 +28,13 @@ class PairRecord:
         moving_id, fixed_id: subject ids of the pair.
         dice: ``(16,)`` Dice per ROI in %, NaN for a ROI absent from both label maps.
         hd95, hd95_max: ``(16,)`` HD95 per ROI in mm, "pooled" and "max" variants.
-        folding: % of voxels with Jacobian determinant <= 0 (``None`` for the identity).
+        folding: % of all voxels with a non-positive Jacobian determinant (``det <= 0``,
+            :func:`mambamorph.metrics.folding_percent`; ``None`` for the identity).
         sdlogj: standard deviation of the log Jacobian determinant (``None`` for the identity).
+        compressed: % of the fixed image's labelled voxels (fixed label map > 0: any of the 16
+            ROIs) whose Jacobian determinant is below ``COMPRESSED_THRESHOLD`` (0.2) of
+            :mod:`mambamorph.evaluation.run` (:func:`mambamorph.metrics.compressed_percent`;
+            ``None`` for the identity).
         seconds: registration time of this pair (``None`` for the identity).
         warmup: ``True`` for the method's first pair (left out of the mean time).
         peak_memory_bytes: peak memory of one registration of this pair (see
@@ -46,6 +51,7 @@ class PairRecord:
     hd95_max: np.ndarray
     folding: float | None = None
     sdlogj: float | None = None
+    compressed: float | None = None
     seconds: float | None = None
     warmup: bool = False
     peak_memory_bytes: int | None = None
@@ -91,6 +97,8 @@ class MethodSummary:
     folding_std: float | None
     sdlogj_mean: float | None
     sdlogj_std: float | None
+    compressed_mean: float | None
+    compressed_std: float | None
     seconds_mean: float | None
     seconds_std: float | None
     n_timed: int
@@ -179,11 +187,13 @@ def summarise(method: Method, records: list[PairRecord], memory_kind: str | None
     hm_m, hm_s = mean_std_nan(r.hd95_max_mean for r in records)
     fold_m, fold_s = _mean_std(r.folding for r in records)
     sd_m, sd_s = _mean_std(r.sdlogj for r in records)
+    co_m, co_s = _mean_std(r.compressed for r in records)
     return MethodSummary(
         name=method.name, kind=method.kind, source=method.source, params=method.params,
         n_pairs=len(records), dice_mean=d_m, dice_std=d_s, hd95_mean=h_m, hd95_std=h_s,
         hd95_max_mean=hm_m, hd95_max_std=hm_s,
         folding_mean=fold_m, folding_std=fold_s, sdlogj_mean=sd_m, sdlogj_std=sd_s,
+        compressed_mean=co_m, compressed_std=co_s,
         seconds_mean=t_m, seconds_std=t_s, n_timed=len(timed),
         peak_memory_bytes=max(mems) if mems else None,
         memory_kind=memory_kind if mems else None,

@@ -7,7 +7,10 @@ sampling and scores it against the fixed label map:
 - Dice of each of the 16 ROIs (x100; the pair's value is the mean over the ROIs present);
 - HD95 of each ROI in mm, both variants of :mod:`mambamorph.metrics` ("pooled", shown in the
   table, and "max");
-- folding (% of voxels with Jacobian determinant <= 0) and SDlogJ of the field;
+- plausibility of the field: folding (% of all voxels with a non-positive Jacobian
+  determinant), SDlogJ, and the % of the fixed image's labelled voxels (fixed label map > 0,
+  i.e. any of the 16 ROIs) with a Jacobian determinant below :data:`COMPRESSED_THRESHOLD`
+  (0.2: squeezed to less than a fifth of their volume, folds included);
 - time per pair, device-synchronised; each method's first pair is a warm-up and is left out of
   the mean (so at least 2 pairs are needed);
 - peak memory of one registration of the largest pair (the first of them), measured by
@@ -36,8 +39,9 @@ import torch
 
 from mambamorph.errors import InputError
 from mambamorph.evaluation import report
-from mambamorph.evaluation.methods import (Method, ants_syn_method, checkpoint_method,
-                                           identity_method, unique_names)
+from mambamorph.evaluation.methods import (IO_SUFFIX, SPEC_WORDS, Method, checkpoint_io_method,
+                                           checkpoint_method, identity_method,
+                                           method_from_spec, unique_names)
 from mambamorph.evaluation.results import EvalResult, MethodSummary, PairRecord, summarise
 from mambamorph.io import prepare_output_dir
 from mambamorph.labels import NUM_ROIS, ROI_IDS
@@ -45,7 +49,10 @@ from mambamorph.runtime import Timer, describe_device, peak_memory, resolve_devi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["roi_index_to_ids", "evaluate", "run_evaluation"]
+__all__ = ["COMPRESSED_THRESHOLD", "roi_index_to_ids", "evaluate", "run_evaluation"]
+
+#: Jacobian determinant below which a voxel of the fixed brain counts as compressed.
+COMPRESSED_THRESHOLD = 0.2
 
 # FreeSurfer id of each compact ROI index (index 0 = background stays 0).
 _INDEX_TO_ID = np.array((0, *ROI_IDS), dtype=np.int16)
@@ -88,8 +95,10 @@ def _cached_pair(item: Mapping) -> dict:
 
 def _score_pair(method: str, k: int, pair: dict, warped_ids: np.ndarray,
                 flow: np.ndarray | None, spacing) -> PairRecord:
-    """Dice, both HD95 variants and (given a flow) folding and SDlogJ of one registered pair."""
-    from mambamorph.metrics import dice_per_roi, folding_percent, hd95_per_roi, sdlogj
+    """Dice, both HD95 variants and (given a ``(3, D0, D1, D2)`` flow in voxels) folding, SDlogJ
+    and the compressed share of the fixed brain of one registered pair."""
+    from mambamorph.metrics import (compressed_percent, dice_per_roi, folding_percent,
+                                    hd95_per_roi, sdlogj)
 
     fixed_ids = pair["fixed_ids"]
     return PairRecord(
@@ -98,7 +107,9 @@ def _score_pair(method: str, k: int, pair: dict, warped_ids: np.ndarray,
         hd95=hd95_per_roi(warped_ids, fixed_ids, spacing, variant="pooled"),
         hd95_max=hd95_per_roi(warped_ids, fixed_ids, spacing, variant="max"),
         folding=None if flow is None else float(folding_percent(flow)),
-        sdlogj=None if flow is None else float(sdlogj(flow)))
+        sdlogj=None if flow is None else float(sdlogj(flow)),
+        compressed=None if flow is None else float(
+            compressed_percent(flow, fixed_ids > 0, COMPRESSED_THRESHOLD)))
 
 
 def _progress_callback(progress, total: int):
@@ -213,6 +224,8 @@ def _meta(cache: list[dict], spacing, device: torch.device, description: str | N
         "spacing_mm": list(spacing),
         "description": description,
         "hd95_table_variant": "pooled",
+        "compressed_threshold": COMPRESSED_THRESHOLD,
+        "compressed_mask": "fixed label map > 0 (voxels of any of the 16 ROIs)",
         "methods": [{"name": m.name, "kind": m.kind, "params": m.params, "source": m.source}
                     for m in methods],
     }
@@ -300,17 +313,28 @@ def evaluate(methods: Sequence[Method], dataset, pairs: Sequence, out_dir: str |
     return EvalResult(out_dir=out, summaries=summaries, records=records, files=files, meta=meta)
 
 
+def _is_ants(spec: str) -> bool:
+    return str(spec).strip().lower() in ("ants", "ants-syn")
+
+
+def _spec_method(spec: str, seed: int) -> Method:
+    """:func:`method_from_spec`, with the evaluation's seed for ANTs SyN."""
+    return SPEC_WORDS["ants-syn"](seed=seed) if _is_ants(spec) else method_from_spec(spec)
+
+
 def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str | None = None,
                    manifest: str | None = None, moving: str = "mr", fixed: str = "ct",
                    grid: Sequence[int] | None = None, n_pairs: int = 20, seed: int = 0,
                    out_dir: str | os.PathLike = "evaluation", device: str = "auto",
                    identity: bool = True, ants: bool = False, overwrite: bool = False,
                    progress=True, split_file: str | None = None, n_figures: int = 2,
-                   figure_axis: int = 0, methods: Sequence[Method] = ()) -> EvalResult:
+                   figure_axis: int = 0, methods: Sequence[Method] = (), io: bool = False,
+                   specs: Sequence[str] = ()) -> EvalResult:
     """What ``mambamorph evaluate`` does: open the test split, build the methods, evaluate.
 
     Args:
-        checkpoints: checkpoint files, one row each, in order.
+        checkpoints: checkpoint files, one row each, in order (a path ending in ``+io``: that
+            checkpoint refined by instance optimisation instead).
         data_root: SR-Reg-layout folder (SR-Reg or a phantom); or ``manifest``: a CSV manifest.
         moving, fixed: modalities (moving -> fixed, e.g. MR -> CT).
         grid: crop/pad volumes to this grid (dims divisible by 16).
@@ -319,19 +343,25 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
         out_dir: output folder (see :func:`evaluate`).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda[:i]``; resolved once, first.
         identity: include the "Initial" row (unregistered pairs).
-        ants: include ANTs SyN (needs antspyx).
+        ants: include ANTs SyN (needs antspyx; once, also when ``specs`` name it).
         overwrite: replace an earlier evaluation's results in ``out_dir``.
         progress: tqdm bar (``True``), a callable, or nothing.
         split_file: explicit split JSON (default: the dataset's own).
         n_figures, figure_axis: see :func:`evaluate`.
-        methods: further :class:`Method` objects, after the checkpoints and before ANTs.
+        methods: further :class:`Method` objects, after ``specs`` and before ANTs.
+        io: after each checkpoint's row, add the row of that checkpoint refined by instance
+            optimisation (:func:`~mambamorph.evaluation.methods.checkpoint_io_method`, e.g.
+            "MambaMorph + IO").
+        specs: further methods by command-line word or path, after the checkpoints (see
+            :func:`~mambamorph.evaluation.methods.method_from_spec`: ``io``, ``convexadam``,
+            ``greedy``, ``ants-syn``, ``PATH``, ``PATH+io``); ANTs SyN gets ``seed``.
     Returns:
         :class:`EvalResult`; ``str()`` of it is the results table.
     Raises:
         InputError: nothing to evaluate, bad data, bad checkpoints, an unknown or unavailable
             device.
         OutputExistsError: a non-empty ``out_dir`` without ``overwrite``.
-        MambaMorphError: ``ants`` without antspyx installed.
+        MambaMorphError: ``ants`` or a peer in ``specs`` without its package installed.
     """
     from mambamorph.config import DataConfig
     from mambamorph.data.datasets import open_dataset, test_pairs
@@ -341,12 +371,19 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
         raise InputError(f"need at least 2 test pairs (the first is a timing warm-up), "
                          f"got {n_pairs}")
     chosen: list[Method] = [identity_method()] if identity else []
-    chosen += [checkpoint_method(c) for c in checkpoints]
+    for c in checkpoints:
+        if str(c).strip().lower().endswith(IO_SUFFIX):
+            chosen.append(method_from_spec(str(c)))
+            continue
+        chosen.append(checkpoint_method(c))
+        if io:
+            chosen.append(checkpoint_io_method(c))
+    chosen += [_spec_method(s, seed) for s in specs]
     chosen += list(methods)
-    if ants:
-        chosen.append(ants_syn_method(seed=seed))
+    if ants and not any(_is_ants(s) for s in specs):
+        chosen.append(_spec_method("ants-syn", seed))
     if not chosen:
-        raise InputError("nothing to evaluate: no checkpoint, no ANTs SyN and no identity row")
+        raise InputError("nothing to evaluate: no checkpoint, no method and no identity row")
     data = DataConfig(root=data_root, manifest=manifest, moving=moving, fixed=fixed,
                       grid=list(grid) if grid else None, split_file=split_file)
     dataset = open_dataset(data, "test", seed)
