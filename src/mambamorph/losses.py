@@ -12,29 +12,18 @@ a full volume (about 7 million voxels) overflow float16.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from mambamorph.errors import InputError
+from mambamorph.nn.spatial import in_work_dtype, no_autocast
 
 __all__ = ["SMOOTH_WEIGHT", "soft_dice_loss", "grad_l2"]
 
 #: Weight of :func:`grad_l2` in the paper's loss: the reference's ``0.1`` times its Grad
 #: ``loss_mult`` of 2. The training code multiplies by it (``smooth_weight`` setting).
 SMOOTH_WEIGHT: float = 0.2
-
-
-def _no_autocast(device: torch.device):
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _work(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return [t.to(dt) for t in tensors]
 
 
 def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -58,8 +47,8 @@ def soft_dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     if pred.shape != target.shape or pred.dim() < 3:
         raise InputError(f"soft_dice_loss: expected two (B, K, ...) tensors of one shape, got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    with _no_autocast(pred.device):
-        p, t = _work(pred, target)
+    with no_autocast(pred.device):
+        p, t = in_work_dtype(pred, target)
         axes = tuple(range(2, p.dim()))
         top = 2.0 * (p * t).sum(dim=axes)  # (B, K)
         bottom = (p + t).sum(dim=axes).clamp_min(eps)  # (B, K)
@@ -84,8 +73,8 @@ def grad_l2(field: torch.Tensor) -> torch.Tensor:
     if field.dim() != 5 or min(field.shape[2:]) < 2:
         raise InputError(f"grad_l2: expected a field (B, C, D0, D1, D2) with every spatial size "
                          f">= 2, got {tuple(field.shape)}")
-    with _no_autocast(field.device):
-        (f,) = _work(field)
+    with no_autocast(field.device):
+        (f,) = in_work_dtype(field)
         d0 = f[:, :, 1:] - f[:, :, :-1]
         d1 = f[:, :, :, 1:] - f[:, :, :, :-1]
         d2 = f[:, :, :, :, 1:] - f[:, :, :, :, :-1]

@@ -15,12 +15,12 @@ tensors; the MIND descriptor takes single-channel images ``(B, 1, D0, D1, D2)``.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 
 from mambamorph.errors import InputError
+from mambamorph.nn.spatial import in_work_dtype, no_autocast
 
 __all__ = ["MIND_OFFSET_PAIRS", "mind_ssc", "mind_ssd_loss", "lncc_loss", "mutual_information",
            "mi_loss"]
@@ -35,17 +35,6 @@ MIND_OFFSET_PAIRS: tuple[tuple[tuple[int, int, int], tuple[int, int, int]], ...]
     ((0, 0, -1), (-1, 0, 0)), ((1, 0, 0), (0, 0, 1)), ((0, 1, 0), (0, 0, -1)),
     ((0, 0, 1), (0, -1, 0)), ((1, 0, 0), (0, 0, -1)), ((0, 0, 1), (-1, 0, 0)),
 )
-
-
-def _no_autocast(device: torch.device):
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _work(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return [t.to(dt) for t in tensors]
 
 
 def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int,
@@ -85,8 +74,8 @@ def mind_ssc(img: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Ten
         raise InputError(f"mind_ssc: expected dilation >= 1, got {dilation}")
     radius, dilation = int(radius), int(dilation)
     shape = tuple(img.shape[2:])
-    with _no_autocast(img.device):
-        (x,) = _work(img)
+    with no_autocast(img.device):
+        (x,) = in_work_dtype(img)
         padded = F.pad(x, (dilation,) * 6, mode="replicate")  # (B, 1, D0+2d, D1+2d, D2+2d)
         diffs = []
         for a, b in MIND_OFFSET_PAIRS:
@@ -126,8 +115,8 @@ def mind_ssd_loss(moving_mind: torch.Tensor, fixed_mind: torch.Tensor,
     if moving_mind.shape != fixed_mind.shape or moving_mind.dim() != 5:
         raise InputError(f"mind_ssd_loss: expected two (B, C, D0, D1, D2) descriptors of one "
                          f"shape, got {tuple(moving_mind.shape)} and {tuple(fixed_mind.shape)}")
-    with _no_autocast(moving_mind.device):
-        m, f = _work(moving_mind, fixed_mind)
+    with no_autocast(moving_mind.device):
+        m, f = in_work_dtype(moving_mind, fixed_mind)
         cost = (m - f).square().sum(dim=1, keepdim=True)  # (B, 1, D0, D1, D2)
         if mask is None:
             return cost.mean()
@@ -167,8 +156,8 @@ def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,
     if int(window) != window or window < 1 or window % 2 == 0:
         raise InputError(f"lncc_loss: expected a positive odd window, got {window}")
     window = int(window)
-    with _no_autocast(a.device):
-        x, y = _work(a, b)
+    with no_autocast(a.device):
+        x, y = in_work_dtype(a, b)
         n_b, n_c = x.shape[:2]
         # one pass of a box filter over the 5 moment images, channels folded into the batch
         stack = torch.stack([x, y, x * x, y * y, x * y], dim=2)  # (B, C, 5, D0, D1, D2)
@@ -224,8 +213,8 @@ def mutual_information(a: torch.Tensor, b: torch.Tensor, bins: int = 32,
         raise InputError(f"mutual_information: expected a mask of shape {tuple(a.shape)}, got "
                          f"{tuple(mask.shape)}")
     bins = int(bins)
-    with _no_autocast(a.device):
-        x, y = _work(a, b)
+    with no_autocast(a.device):
+        x, y = in_work_dtype(a, b)
         n_b = x.shape[0]
         width = (hi - lo) / bins
         centres = lo + width * (torch.arange(bins, dtype=x.dtype, device=x.device) + 0.5)

@@ -35,7 +35,7 @@ __all__ = [
     "compose",
     "SpatialTransformer",
     "VecInt",
-    "no_autocast",
+    "no_autocast", "in_work_dtype",
 ]
 
 _MODES = ("bilinear", "nearest")
@@ -132,6 +132,13 @@ def no_autocast(device: torch.device):
 def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half types are computed in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def in_work_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors cast to their working precision (:func:`_work_dtype`): float64 if any is
+    float64, else float32. Shared by the losses and the similarity measures."""
+    dt = _work_dtype(*tensors)
+    return [t.to(dt) for t in tensors]
 
 
 def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
