@@ -80,21 +80,11 @@ def _moved(image: Path, seg: Path, folder: Path, deg: float, mm: float, seed: in
 
 
 def _kwargs(extra: list[str]) -> dict:
-    """``register_files`` keywords for the CLI flags of ``extra``."""
-    from dataclasses import replace
+    """``register_files`` keywords for the CLI flags of ``extra`` (the CLI's own mapping)."""
+    from mambamorph.cli import build_parser, register_options
 
-    from mambamorph.cli import build_parser
-    from mambamorph.optimize.instance import IOConfig
-    from mambamorph.register import DEFAULT_MODEL
-
-    a = build_parser().parse_args(["register", "m", "f", "--out", "o", *extra])
-    cfg = IOConfig()
-    if a.io_iterations:
-        cfg = replace(cfg, iterations=tuple(a.io_iterations))
-    if a.io_weight is not None:
-        cfg = replace(cfg, lam=a.io_weight)
-    return {"model": None if a.no_model else (a.model or DEFAULT_MODEL), "io": not a.no_io,
-            "affine": "none" if a.no_affine else (a.align or "affine"), "io_config": cfg}
+    return register_options(build_parser().parse_args(["register", "m", "f", "--out", "o",
+                                                       *extra]))
 
 
 def main(argv=None) -> int:

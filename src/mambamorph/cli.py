@@ -121,17 +121,23 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-def cmd_register(a) -> int:
+def register_options(a) -> dict:
+    """``register_files`` keywords (``model``, ``affine``, ``io``, ``io_config``) for parsed
+    ``register`` arguments; the one mapping from flags to settings (also used by
+    ``bench/register_pairs.py``).
+
+    Raises:
+        InputError: contradicting flags, or an iteration count per level that does not match.
+    """
     from dataclasses import replace
 
     from mambamorph.optimize.instance import IOConfig
-    from mambamorph.register import DEFAULT_MODEL, register_files
+    from mambamorph.register import DEFAULT_MODEL
 
     if a.no_model and a.model:
         raise InputError("--model and --no-model contradict each other")
     if a.no_model and a.no_io:
         raise InputError("--no-model with --no-io leaves only the affine stage; drop one of them")
-    model = None if a.no_model else (a.model or DEFAULT_MODEL)
     cfg = IOConfig()
     if a.io_iterations is not None:
         if len(a.io_iterations) != len(cfg.levels):
@@ -140,9 +146,16 @@ def cmd_register(a) -> int:
         cfg = replace(cfg, iterations=tuple(a.io_iterations))
     if a.io_weight is not None:
         cfg = replace(cfg, lam=a.io_weight)
-    res = register_files(a.moving, a.fixed, model, a.out, moving_seg=a.moving_seg,
-                         device=a.device, overwrite=a.overwrite, affine="none" if a.no_affine else (a.align or _ALIGN_DEFAULT),
-                         io=not a.no_io, io_config=cfg)
+    return {"model": None if a.no_model else (a.model or DEFAULT_MODEL),
+            "affine": "none" if a.no_affine else (a.align or _ALIGN_DEFAULT),
+            "io": not a.no_io, "io_config": cfg}
+
+
+def cmd_register(a) -> int:
+    from mambamorph.register import register_files
+
+    res = register_files(a.moving, a.fixed, out=a.out, moving_seg=a.moving_seg,
+                         device=a.device, overwrite=a.overwrite, **register_options(a))
     print(res)
     return 0
 

@@ -251,10 +251,9 @@ def _checkpoint_io_runner(path: str, overrides: dict, cfg, device: torch.device)
     predict_flow = _network_runner(path, overrides, device)
 
     def run(moving, fixed, spacing):
-        out = predict_flow(moving, fixed)
-        if out.velocity is not None:
-            return instance_optimise(moving, fixed, init_velocity=out.velocity, cfg=cfg).flow
-        return instance_optimise(moving, fixed, init_flow=out.flow, cfg=cfg).flow
+        out = predict_flow(moving, fixed)  # IO starts from the velocity, else the flow
+        return instance_optimise(moving, fixed, init_velocity=out.velocity, init_flow=out.flow,
+                                 cfg=cfg).flow
 
     return run
 
