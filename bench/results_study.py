@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 res = train(cfg, run, overwrite=True, progress=True)
                 print(f"{name}: {res.steps} steps in {time.time() - t0:.0f} s, best validation "
-                      f"Dice {res.best_val_dice:.2f}")
+                      f"Dice {res.best_score:.2f}")
             rows.append(_training_row(name, run))
             checkpoints.append(best)
 

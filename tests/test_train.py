@@ -8,7 +8,7 @@ from mambamorph import checkpoint as ckpt
 from mambamorph.cli import main
 from mambamorph.config import DataConfig, TrainConfig
 from mambamorph.errors import InputError
-from mambamorph.train import train
+from mambamorph.train import RunLog, train
 
 
 def _cfg(root, **kw):
@@ -31,7 +31,9 @@ def test_run_folder_contents(tiny_phantom, tmp_path):
     assert info["meta"]["grid"] == [32, 48, 32] and info["meta"]["spacing"] == [5.0, 5.0, 5.0]
     rows = (run / "log.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,loss")
-    assert len([r for r in rows[1:] if r.split(",")[5]]) == 2  # one validation row per epoch
+    assert rows[0].split(",") == list(RunLog.COLUMNS)
+    val = RunLog.COLUMNS.index("val_dice")
+    assert len([r for r in rows[1:] if r.split(",")[val]]) == 2  # one validation row per epoch
     model, _ = ckpt.load_model(run / "checkpoints/best.json")
     assert sum(p.numel() for p in model.parameters()) == 92_179
 
@@ -82,13 +84,14 @@ def test_init_scores_the_starting_weights_first(tiny_phantom, tmp_path):
     start = tmp_path / "a/checkpoints/last.json"
     res = train(_cfg(tiny_phantom, epochs=1, init=str(start)), tmp_path / "b", progress=False)
     rows = [r.split(",") for r in (tmp_path / "b/log.csv").read_text().splitlines()[1:]]
-    val_rows = [r for r in rows if r[5]]
+    col = RunLog.COLUMNS.index("val_dice")
+    val_rows = [r for r in rows if r[col]]
     assert val_rows[0][0] == "0" and len(val_rows) == 2
     ds = SRRegDataset(tiny_phantom, split="val")
     model, _ = ckpt.load_model(start)
-    expect = validate(model, ds, test_pairs(ds.subjects, 2, 3), torch.device("cpu"))
-    assert float(val_rows[0][5]) == pytest.approx(expect, abs=1e-3)
-    assert res.best_val_dice >= expect - 1e-3
+    expect = validate(model, ds, test_pairs(ds.subjects, 2, 3), torch.device("cpu"))["dice"]
+    assert float(val_rows[0][col]) == pytest.approx(expect, abs=1e-3)
+    assert res.best_score >= expect - 1e-3
 
 
 def test_cli_train_and_errors(tiny_phantom, tmp_path, capsys):
@@ -96,7 +99,7 @@ def test_cli_train_and_errors(tiny_phantom, tmp_path, capsys):
     rc = main(["train", "--data", str(tiny_phantom), "--model", "voxelmorph", "--epochs", "1",
                "--steps", "2", "--val-pairs", "1", "--out", str(out), "--quiet", "--device", "cpu"])
     assert rc == 0
-    assert "best validation Dice" in capsys.readouterr().out
+    assert "best validation score" in capsys.readouterr().out
     rc = main(["train", "--data", str(tiny_phantom), "--epochs", "1", "--out", str(out), "--quiet"])
     assert rc == 2 and "not empty" in capsys.readouterr().err
     rc = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
@@ -120,7 +123,8 @@ def test_crop_larger_than_volume_is_refused(tiny_phantom, tmp_path):
 def test_more_validation_pairs_than_subjects_allow_is_capped(tiny_phantom, tmp_path):
     res = train(_cfg(tiny_phantom, epochs=1, val_pairs=50), tmp_path / "run", progress=False)
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    assert res.steps == 2 and any(r.split(",")[5] for r in rows[1:])
+    col = RunLog.COLUMNS.index("val_dice")
+    assert res.steps == 2 and any(r.split(",")[col] for r in rows[1:])
 
 
 def test_bad_data_leaves_an_existing_run_untouched(tmp_path):

@@ -85,6 +85,7 @@ def cmd_train(a) -> int:
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
         "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
+        "loss": a.loss, "image_weight": a.image_weight, "max_compressed": a.max_compressed,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
         "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
@@ -103,7 +104,7 @@ def cmd_train(a) -> int:
     cfg = load_train_config(cfg_path, overrides)
     res = train(cfg, run_dir, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     print(f"trained {cfg.model}: {res.steps} steps ({res.epochs_done:.2f} epochs) in "
-          f"{res.seconds / 60:.1f} min; best validation Dice {res.best_val_dice:.2f}"
+          f"{res.seconds / 60:.1f} min; best validation score {res.best_score:.2f}"
           f"{' (stopped by the time budget)' if res.stopped_early else ''}")
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     return 0
@@ -212,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps", type=int, help="pairs per epoch (default: training subjects)")
-    t.add_argument("--dice-weight", type=float)
+    t.add_argument("--loss", help="data terms joined by '+': image (MIND-SSD across modalities, "
+                   "LNCC within one), mind, lncc, mi, dice (label Dice); e.g. image+dice, or "
+                   "image alone for data without label maps")
+    t.add_argument("--image-weight", type=float, help="weight of the image term")
+    t.add_argument("--dice-weight", type=float, help="weight of the label Dice term")
     t.add_argument("--smooth-weight", type=float)
     t.add_argument("--dice-scales", type=int, nargs="+",
                    help="label pyramid of the Dice term (default 1 = the paper's loss)")
@@ -222,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--flow-weight", type=float, help="weight of the known-field error")
     t.add_argument("--crop", type=_grid, help="train on random crops of this size, e.g. 64x64x64")
     t.add_argument("--val-pairs", type=int)
+    t.add_argument("--max-compressed", type=float,
+                   help="never keep as best a checkpoint whose validation fields compress more "
+                   "than this %% of the brain below J = 0.2 (100 = no gate)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--threads", type=int, help="CPU threads for torch")

@@ -62,6 +62,12 @@ class TrainConfig:
         epochs: number of epochs (paper: 100).
         steps_per_epoch: random pairs per epoch; ``None`` = number of training subjects (150 on
             SR-Reg, as the paper).
+        loss: the training loss's data terms, joined by ``+`` (see
+            :func:`mambamorph.losses.parse_loss`): ``image`` (MIND-SSD across modalities,
+            LNCC within one), ``mind``, ``lncc``, ``mi`` and ``dice`` (label Dice); e.g.
+            ``image+dice``, or ``image`` alone for data without label maps. The smoothness term
+            is always added.
+        image_weight: weight of the image term.
         dice_weight: weight of the soft Dice loss of the warped one-hot ROIs.
         dice_scales: label pyramid of that Dice term (``[1]`` = the paper's loss; e.g.
             ``[1, 2, 4]`` also scores average-pooled labels, a wider capture range; see
@@ -75,7 +81,10 @@ class TrainConfig:
         flow_weight: weight of that squared error.
         crop: train on random crops of this size (dims divisible by 16) instead of whole
             volumes: cheaper steps; validation and inference use whole volumes.
-        val_pairs: number of fixed validation pairs scored (Dice) after each epoch.
+        val_pairs: number of fixed validation pairs scored after each epoch (Dice where
+            labels exist, SDlogJ, % of the brain compressed below J = 0.2, the image term).
+        max_compressed: a checkpoint whose validation fields compress more than this % of the
+            brain below J = 0.2 is never kept as ``best``, whatever its Dice (100 = no gate).
         seed: seeds the pair sampler, torch and numpy; CPU runs are repeatable.
         device: ``auto`` (CUDA if present), ``cpu`` or ``cuda[:i]``.
         amp: mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.
@@ -91,6 +100,8 @@ class TrainConfig:
     lr: float = 1e-4
     epochs: int = 100
     steps_per_epoch: int | None = None
+    loss: str = "dice"
+    image_weight: float = 1.0
     dice_weight: float = 1.0
     dice_scales: list[int] = field(default_factory=lambda: [1])
     smooth_weight: float = 0.2
@@ -99,6 +110,7 @@ class TrainConfig:
     flow_weight: float = 1.0
     crop: list[int] | None = None
     val_pairs: int = 10
+    max_compressed: float = 100.0
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -120,17 +132,31 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "log_every": (lambda v: v >= 1, "an integer >= 1"),
     "threads": (lambda v: v >= 1, "an integer >= 1"),
     "val_pairs": (lambda v: v >= 0, "an integer >= 0"),
+    "max_compressed": (lambda v: 0 <= v <= 100, "a percentage between 0 and 100"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
     "synthetic": (lambda v: 0 <= v <= 1, "a fraction between 0 and 1"),
     "synthetic_voxels": (lambda v: v >= 0, "a number >= 0"),
     "max_minutes": (lambda v: v >= 0, "a number >= 0"),
     "dice_weight": (lambda v: v >= 0, "a number >= 0"),
+    "image_weight": (lambda v: v >= 0, "a number >= 0"),
+    "loss": (lambda v: _valid_loss(v), "terms joined by '+' from image, mind, lncc, mi and "
+             "dice, at most one image term (e.g. image+dice)"),
     "smooth_weight": (lambda v: v >= 0, "a number >= 0"),
     "flow_weight": (lambda v: v >= 0, "a number >= 0"),
     "dice_scales": (lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1"),
     "crop": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
     "grid": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
 }
+
+
+def _valid_loss(spec: str) -> bool:
+    from mambamorph.losses import parse_loss
+
+    try:
+        parse_loss(spec)
+    except InputError:
+        return False
+    return True
 
 
 def _number(value) -> float | None:

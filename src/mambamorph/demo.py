@@ -115,7 +115,7 @@ def run_demo(out: str | Path = "mambamorph-demo", minutes: float | None = None,
         best = runs / name / "checkpoints" / "best.json"
         checkpoints.append(best if best.exists() else runs / name / "checkpoints" / "last.json")
         printer(f"      {res.steps} steps, validation Dice {res.last_val_dice:.2f} "
-                f"(best {res.best_val_dice:.2f})")
+                f"(best {res.best_score:.2f})")
 
     printer(f"[3/3] evaluating on {recipe.test_pairs} held-out test pairs")
     summary = run_evaluation(checkpoints=[str(c) for c in checkpoints], data_root=str(data_dir),

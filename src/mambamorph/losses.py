@@ -1,5 +1,6 @@
-"""Training losses (SPEC.md section 4): soft Dice of warped one-hot labels and gradient
-smoothness. Image similarity terms (MIND-SSD, local NCC, mutual information) live in
+"""Training losses (SPEC.md section 4): soft Dice of warped one-hot labels, gradient
+smoothness, and the choice of training loss (:func:`parse_loss`, :func:`image_term`). The image
+similarity functions themselves (MIND-SSD, local NCC, mutual information) live in
 :mod:`mambamorph.similarity`.
 
 The paper's objective is ``soft_dice_loss(warp(onehot(s_m), phi), onehot(s_f))
@@ -12,6 +13,7 @@ a full volume (about 7 million voxels) overflow float16.
 
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from mambamorph.errors import InputError
 from mambamorph.nn.spatial import in_work_dtype, no_autocast
 
-__all__ = ["SMOOTH_WEIGHT", "soft_dice_loss", "grad_l2"]
+__all__ = ["SMOOTH_WEIGHT", "IMAGE_TERMS", "LossSpec", "parse_loss", "image_term",
+           "soft_dice_loss", "grad_l2", "multiscale_label_dice_loss"]
 
 #: Weight of :func:`grad_l2` in the paper's loss: the reference's ``0.1`` times its Grad
 #: ``loss_mult`` of 2. The training code multiplies by it (``smooth_weight`` setting).
@@ -116,3 +119,67 @@ def multiscale_label_dice_loss(moving_onehot: torch.Tensor, fixed_onehot: torch.
             u = F.avg_pool3d(flow, s) / s  # cell means, in coarse voxels (every voxel pulls)
         total = total + soft_dice_loss(warp(m, u), f)
     return total / len(scales)
+
+
+#: image similarity terms a training loss may name; ``image`` is MIND-SSD across modalities and
+#: LNCC within one (see :func:`parse_loss`)
+IMAGE_TERMS = ("image", "mind", "lncc", "mi")
+
+
+class LossSpec(NamedTuple):
+    """A parsed ``--loss``: the image term (``mind``/``lncc``/``mi`` or None) and whether the
+    label Dice term is used."""
+
+    image: str | None
+    dice: bool
+
+
+def parse_loss(spec: str, moving: str = "mr", fixed: str = "ct") -> LossSpec:
+    """Parse a training loss: terms joined by ``+`` from ``image``, ``mind``, ``lncc``, ``mi``
+    and ``dice`` (e.g. ``image+dice``, ``mind``, ``dice``; at most one image term).
+
+    ``image`` resolves to ``mind`` (MIND-SSD, modality independent) when the moving and fixed
+    modalities differ and to ``lncc`` when they are the same modality.
+
+    Raises:
+        InputError: an unknown term, two image terms, or no term.
+    """
+    terms = [t.strip().lower() for t in str(spec).split("+") if t.strip()]
+    unknown = [t for t in terms if t not in IMAGE_TERMS + ("dice",)]
+    if not terms or unknown:
+        raise InputError(f"loss {spec!r}: expected terms joined by '+' from "
+                         f"{', '.join(IMAGE_TERMS + ('dice',))} (e.g. image+dice)")
+    images = [t for t in terms if t != "dice"]
+    if len(images) > 1:
+        raise InputError(f"loss {spec!r}: at most one image term, got {images}")
+    image = images[0] if images else None
+    if image == "image":
+        image = "lncc" if str(moving).lower() == str(fixed).lower() else "mind"
+    return LossSpec(image, "dice" in terms)
+
+
+def image_term(name: str, warped: torch.Tensor, fixed: torch.Tensor,
+               fixed_features: torch.Tensor | None = None) -> torch.Tensor:
+    """Image dissimilarity of the warped moving and the fixed image, lower is better.
+
+    ``mind``: :func:`~mambamorph.similarity.mind_ssd_loss` of the MIND-SSC descriptors (radius
+    1, dilation 2 voxels); ``fixed_features`` may pass the fixed image's descriptor computed once.
+    ``lncc``: :func:`~mambamorph.similarity.lncc_loss` (9-voxel window). ``mi``:
+    :func:`~mambamorph.similarity.mi_loss` (32 bins).
+
+    Args:
+        name: ``mind``, ``lncc`` or ``mi`` (a :class:`LossSpec` image term).
+        warped, fixed: ``(B, 1, D0, D1, D2)`` images in [0, 1].
+    Returns:
+        Scalar tensor (float32).
+    """
+    from mambamorph import similarity as sim
+
+    if name == "mind":
+        f = sim.mind_ssc(fixed) if fixed_features is None else fixed_features
+        return sim.mind_ssd_loss(sim.mind_ssc(warped), f)
+    if name == "lncc":
+        return sim.lncc_loss(warped, fixed)
+    if name == "mi":
+        return sim.mi_loss(warped, fixed)
+    raise InputError(f"unknown image term {name!r}; expected mind, lncc or mi")

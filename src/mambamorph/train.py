@@ -1,17 +1,23 @@
 """Training loop (SPEC.md section 4), read top to bottom.
 
 ``train(cfg, run_dir)`` trains ``cfg.model`` on inter-subject pairs (moving modality of subject
-i -> fixed modality of subject j != i) with the weakly supervised loss
+i -> fixed modality of subject j != i) with the loss ``cfg.loss`` names
+(:func:`mambamorph.losses.parse_loss`)
 
-    loss = dice_weight * soft_dice(onehot(s_f), warp(onehot(s_m), phi))
+    loss = image_weight * image_term(warp(m, phi), f)                  (``image``/``mind``/...)
+         + dice_weight * soft_dice(onehot(s_f), warp(onehot(s_m), phi))  (``dice``)
          + smooth_weight * grad_l2(velocity or displacement)
+
+An image term alone needs no label maps (unsupervised); validation still scores Dice where
+the validation subjects have labels, and always the field's plausibility (SDlogJ, % of
+voxels with J < 0.2).
 
 and writes a run folder::
 
     run_dir/config.yaml            the resolved settings
-    run_dir/log.csv                step, epoch, loss terms, lr, seconds (and val Dice rows)
+    run_dir/log.csv                step, epoch, loss terms, lr, seconds (and validation rows)
     run_dir/tb/                    TensorBoard events
-    run_dir/checkpoints/best.*     best validation Dice (safetensors + json)
+    run_dir/checkpoints/best.*     best validation score (see :func:`selection_score`)
     run_dir/checkpoints/last.*     latest weights (safetensors + json)
     run_dir/checkpoints/last_state.json + last_state-<step>.safetensors
                                    what a resume needs: weights, optimizer, RNG states, counters
@@ -46,8 +52,9 @@ from mambamorph.data.augment import random_crop, synthetic_pair
 from mambamorph.data.datasets import open_dataset, test_pairs
 from mambamorph.errors import InputError, WriteError
 from mambamorph.io import atomic_write_text, prepare_output_dir
-from mambamorph.losses import grad_l2, multiscale_label_dice_loss
-from mambamorph.metrics import dice_per_roi
+from mambamorph.losses import LossSpec, grad_l2, image_term, multiscale_label_dice_loss, \
+    parse_loss
+from mambamorph.metrics import compressed_percent, dice_per_roi, sdlogj
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
 from mambamorph.runtime import resolve_device
@@ -57,10 +64,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a run did. ``best_score`` is the :func:`selection_score` of the ``best``
+    checkpoint (validation Dice x100 where labels exist; ``-inf`` when no checkpoint passed
+    the plausibility gate, so none was kept); ``last_val_dice`` the last validation Dice."""
+
     run_dir: Path
     steps: int
     epochs_done: float
-    best_val_dice: float
+    best_score: float
     last_val_dice: float
     seconds: float
     stopped_early: bool
@@ -109,7 +120,8 @@ class RunLog:
     error is already on its way out, closing does not mask it.
     """
 
-    COLUMNS = ("step", "epoch", "loss", "dice_loss", "smooth_loss", "val_dice", "lr", "seconds")
+    COLUMNS = ("step", "epoch", "loss", "dice_loss", "image_loss", "smooth_loss", "val_dice",
+               "val_sdlogj", "val_compressed", "val_image", "lr", "seconds")
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         self.csv_path = run_dir / "log.csv"
@@ -148,20 +160,28 @@ class RunLog:
             raise WriteError(f"{self.tb_dir}: cannot write TensorBoard events: "
                              f"{e.strerror or e}") from e
 
-    def train_row(self, step: int, epoch: float, loss: float, dice_loss: float,
-                  smooth_loss: float, lr: float, seconds: float) -> None:
-        self._append([step, f"{epoch:.3f}", f"{loss:.5f}", f"{dice_loss:.5f}",
-                      f"{smooth_loss:.6f}", "", lr, f"{seconds:.1f}"])
+    def train_row(self, step: int, epoch: float, loss: float, terms: dict, lr: float,
+                  seconds: float) -> None:
+        """``terms``: the loss terms of :func:`pair_loss` (``dice``, ``image``, ``smooth``;
+        a term the loss does not use is blank)."""
+        def cell(name, fmt):
+            return format(terms[name], fmt) if name in terms else ""
+        self._append([step, f"{epoch:.3f}", f"{loss:.5f}", cell("dice", ".5f"),
+                      cell("image", ".5f"), cell("smooth", ".6f"), "", "", "", "", lr,
+                      f"{seconds:.1f}"])
         if self.tb:
-            for name, value in (("loss", loss), ("dice_loss", dice_loss),
-                                ("smooth_loss", smooth_loss)):
-                self._tb_call(self.tb.add_scalar, f"train/{name}", value, step)
+            self._tb_call(self.tb.add_scalar, "train/loss", loss, step)
+            for name, value in terms.items():
+                self._tb_call(self.tb.add_scalar, f"train/{name}_loss", value, step)
 
-    def val_row(self, step: int, epoch: float, val_dice: float, lr: float,
-                seconds: float) -> None:
-        self._append([step, f"{epoch:.3f}", "", "", "", f"{val_dice:.4f}", lr, f"{seconds:.1f}"])
+    def val_row(self, step: int, epoch: float, val: dict, lr: float, seconds: float) -> None:
+        """``val``: :func:`validate`'s scores."""
+        self._append([step, f"{epoch:.3f}", "", "", "", "", f"{val['dice']:.4f}",
+                      f"{val['sdlogj']:.4f}", f"{val['compressed']:.4f}", f"{val['image']:.5f}",
+                      lr, f"{seconds:.1f}"])
         if self.tb:
-            self._tb_call(self.tb.add_scalar, "val/dice", val_dice, step)
+            for name, value in val.items():
+                self._tb_call(self.tb.add_scalar, f"val/{name}", value, step)
 
     def __enter__(self) -> "RunLog":
         return self
@@ -188,46 +208,86 @@ def training_pair(dataset, rng: np.random.Generator, cfg: TrainConfig,
     return random_crop(batch, cfg.crop, rng) if cfg.crop else batch
 
 
-def pair_loss(model, batch: dict, cfg: TrainConfig, device: torch.device, amp: bool):
-    """Forward one pair and return ``(loss, dice_term, smooth_term)``.
+def pair_loss(model, batch: dict, cfg: TrainConfig, spec: LossSpec, device: torch.device,
+              amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward one pair and return ``(loss, terms)``, ``terms`` holding the unweighted
+    ``dice``, ``image`` and ``smooth`` terms that ``spec`` uses (scalars).
 
-    ``batch`` holds ``moving``/``fixed`` ``(1, D0, D1, D2)`` float images and
-    ``moving_seg``/``fixed_seg`` ``(1, D0, D1, D2)`` compact ROI indices (0..16); a synthetic
-    pair also holds ``target_flow`` ``(3, D0, D1, D2)`` (voxels), which adds
-    ``flow_weight * mean squared error`` of the predicted displacement to the loss.
+    ``batch`` holds ``moving``/``fixed`` ``(1, D0, D1, D2)`` float images in [0, 1] and, for
+    the Dice term, ``moving_seg``/``fixed_seg`` ``(1, D0, D1, D2)`` compact ROI indices
+    (0..16); a synthetic pair also holds ``target_flow`` ``(3, D0, D1, D2)`` (voxels), which
+    adds ``flow_weight * mean squared error`` of the predicted displacement to the loss.
     """
     mov = batch["moving"].unsqueeze(0).to(device)
     fix = batch["fixed"].unsqueeze(0).to(device)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(mov, fix)
     flow = out.flow.float()
-    seg_m = labels.one_hot(batch["moving_seg"].unsqueeze(0).to(device))
-    seg_f = labels.one_hot(batch["fixed_seg"].unsqueeze(0).to(device))
-    dice = multiscale_label_dice_loss(seg_m, seg_f, flow, cfg.dice_scales)
-    smooth = grad_l2(out.smooth_target.float())
-    loss = cfg.dice_weight * dice + cfg.smooth_weight * smooth
+    terms = {}
+    loss = flow.new_zeros(())
+    if spec.dice:
+        seg_m = labels.one_hot(batch["moving_seg"].unsqueeze(0).to(device))
+        seg_f = labels.one_hot(batch["fixed_seg"].unsqueeze(0).to(device))
+        terms["dice"] = multiscale_label_dice_loss(seg_m, seg_f, flow, cfg.dice_scales)
+        loss = loss + cfg.dice_weight * terms["dice"]
+    if spec.image:
+        terms["image"] = image_term(spec.image, warp(mov, flow), fix)
+        loss = loss + cfg.image_weight * terms["image"]
+    terms["smooth"] = grad_l2(out.smooth_target.float())
+    loss = loss + cfg.smooth_weight * terms["smooth"]
     if "target_flow" in batch:
         target = batch["target_flow"].unsqueeze(0).to(device)
         loss = loss + cfg.flow_weight * ((flow - target) ** 2).sum(1).mean()
-    return loss, dice, smooth
+    return loss, terms
 
 
 @torch.no_grad()
-def validate(model, dataset, pairs, device: torch.device) -> float:
-    """Mean 16-ROI Dice (x100) over fixed ``pairs`` with nearest-neighbour label warping."""
+def validate(model, dataset, pairs, device: torch.device, image: str | None = "mind") -> dict:
+    """Score the model on fixed validation ``pairs``; returns a dict of means over the pairs:
+
+    - ``dice``: 16-ROI Dice (x100) with nearest-neighbour label warping; NaN without labels;
+    - ``sdlogj``: SDlogJ of the displacement (2-voxel border crop, as Learn2Reg);
+    - ``compressed``: % of the fixed brain's labelled voxels (of every voxel, without labels)
+      whose Jacobian determinant is below 0.2 (folds included);
+    - ``image``: the image term ``image`` (NaN when None) of the warped moving image.
+    """
     was_training = model.training
     model.eval()
-    scores = []
+    rows = []
     for batch in dataset.pairs(pairs):
         mov = batch["moving"].unsqueeze(0).to(device)
         fix = batch["fixed"].unsqueeze(0).to(device)
         flow = model(mov, fix).flow.float()
-        seg = batch["moving_seg"].unsqueeze(0).to(device).float()
-        warped = warp(seg, flow, mode="nearest")
-        scores.append(np.nanmean(dice_per_roi(warped, batch["fixed_seg"],
-                                              roi_ids=tuple(range(1, labels.NUM_ROIS + 1)))))
+        row = {"dice": float("nan"), "image": float("nan"),
+               "sdlogj": float(sdlogj(flow[0].cpu().numpy(), crop=2))}
+        if "moving_seg" in batch:
+            seg = batch["moving_seg"].unsqueeze(0).to(device).float()
+            warped = warp(seg, flow, mode="nearest")
+            row["dice"] = 100.0 * float(np.nanmean(dice_per_roi(
+                warped, batch["fixed_seg"], roi_ids=tuple(range(1, labels.NUM_ROIS + 1)))))
+            brain = batch["fixed_seg"][0].numpy() > 0
+        else:
+            brain = np.ones(flow.shape[2:], dtype=bool)
+        row["compressed"] = float(compressed_percent(flow[0].cpu().numpy(), brain))
+        if image:
+            row["image"] = float(image_term(image, warp(mov, flow), fix))
+        rows.append(row)
     model.train(was_training)
-    return 100.0 * float(np.mean(scores)) if scores else float("nan")
+    keys = ("dice", "sdlogj", "compressed", "image")
+    if not rows:
+        return {k: float("nan") for k in keys}
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def selection_score(val: dict, max_compressed: float) -> float:
+    """The score that picks ``best``: validation Dice where labels exist, otherwise minus the
+    image term; ``-inf`` when more than ``max_compressed`` % of the brain is compressed below
+    J = 0.2, because a field that flattens anatomy can win Dice (it shrinks structures onto
+    their labels) and must not be chosen for it."""
+    if not val["compressed"] <= max_compressed:
+        return -math.inf
+    score = val["dice"] if math.isfinite(val["dice"]) else -val["image"]
+    return score if math.isfinite(score) else -math.inf
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -300,8 +360,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
 
+    spec = parse_loss(cfg.loss, cfg.data.moving, cfg.data.fixed)
     train_ds = open_dataset(cfg.data, "train", cfg.seed)
     val_ds = open_dataset(cfg.data, "val", cfg.seed)
+    if spec.dice and not train_ds.has_labels:
+        raise InputError(f"{cfg.data.manifest}: no 'seg' column, so no label maps for the "
+                         f"Dice term of loss {cfg.loss!r}; train with an image term alone "
+                         "(e.g. loss 'image')")
     n_val = len(val_ds.subjects)
     n_pairs = min(cfg.val_pairs, n_val * (n_val - 1))
     if n_pairs < cfg.val_pairs:
@@ -347,18 +412,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
         try:
             while True:
                 if end_of_epoch:  # validate, keep the best weights, save the resume state
-                    last_val = validate(model, val_ds, val_pairs, device) if val_pairs \
-                        else float("nan")
                     epoch = step / steps_per_epoch
-                    runlog.val_row(step, epoch, last_val, cfg.lr, time.time() - t0)
-                    if val_pairs and last_val > best:
-                        best = last_val
-                        ckpt.save_model(cdir / "best", model,
-                                        meta={"step": step, "val_dice": last_val, **meta})
+                    if val_pairs:
+                        val = validate(model, val_ds, val_pairs, device, spec.image)
+                        last_val = val["dice"]
+                        runlog.val_row(step, epoch, val, cfg.lr, time.time() - t0)
+                        score = selection_score(val, cfg.max_compressed)
+                        if score > best:
+                            best = score
+                            ckpt.save_model(cdir / "best", model, meta={
+                                "step": step, "val_dice": val["dice"], "val_sdlogj":
+                                val["sdlogj"], "val_compressed": val["compressed"], **meta})
+                        log.info("epoch %.2f step %d val Dice %.2f SDlogJ %.3f J<0.2 %.2f %% "
+                                 "(best score %.2f)", epoch, step, val["dice"], val["sdlogj"],
+                                 val["compressed"], best)
                     save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta,
                                     device)
-                    log.info("epoch %.2f step %d val Dice %.2f (best %.2f)", epoch, step,
-                             last_val, best)
                     if on_epoch:
                         on_epoch({"step": step, "epoch": epoch, "val_dice": last_val,
                                   "best": best})
@@ -366,7 +435,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
                     break
 
                 batch = training_pair(train_ds, np_rng, cfg, device)
-                loss, dice, smooth = pair_loss(model, batch, cfg, device, amp)
+                loss, terms = pair_loss(model, batch, cfg, spec, device, amp)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 updating = True  # weights, step and rng change together
@@ -377,8 +446,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
                     raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
                                        "lower the learning rate")
                 if step % cfg.log_every == 0 or step == total_steps:
-                    runlog.train_row(step, step / steps_per_epoch, loss.item(), dice.item(),
-                                     smooth.item(), cfg.lr, time.time() - t0)
+                    runlog.train_row(step, step / steps_per_epoch, loss.item(),
+                                     {k: v.item() for k, v in terms.items()}, cfg.lr,
+                                     time.time() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_val:.1f}")
                 if deadline and time.time() > deadline and step < total_steps:
@@ -392,5 +462,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             else:
                 save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta, device)
             raise
+    if val_pairs and best == -math.inf:
+        log.warning("no checkpoint passed the plausibility gate (validation fields compress "
+                    "more than %g %% of the brain below J = 0.2): no best checkpoint was kept; "
+                    "checkpoints/last holds the final weights", cfg.max_compressed)
     return TrainResult(run_dir, step, step / steps_per_epoch, best, last_val,
                        time.time() - t0, stopped_early)

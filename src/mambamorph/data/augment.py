@@ -96,6 +96,7 @@ def synthetic_pair(dataset, rng: np.random.Generator, max_voxels: float, crop=No
     if device is not None:
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     batch["fixed"] = warp(batch["fixed"][None], psi)[0]
-    batch["fixed_seg"] = warp(batch["fixed_seg"][None], psi, mode="nearest")[0]
+    if "fixed_seg" in batch:  # a dataset without labels has none
+        batch["fixed_seg"] = warp(batch["fixed_seg"][None], psi, mode="nearest")[0]
     batch["target_flow"] = psi[0]
     return batch

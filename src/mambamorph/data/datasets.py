@@ -224,6 +224,8 @@ class _PairSource:
     """
 
     subjects: list[str]
+    #: False for a manifest without a ``seg`` column: pairs then carry no label maps
+    has_labels: bool = True
 
     def __init__(self, moving: str, fixed: str, grid, cache: bool,
                  windows: Mapping[str, tuple[float, float]] | None) -> None:
@@ -246,7 +248,8 @@ class _PairSource:
         """Fail early, naming the path, if a subject of the split lacks a needed file."""
         missing = [p for s in self.subjects
                    for p in (self.image_path(s, self.moving), self.image_path(s, self.fixed),
-                             self.seg_path(s)) if not p.is_file()]
+                             *((self.seg_path(s),) if self.has_labels else ()))
+                   if not p.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise InputError(f"{missing[0]}: file not found{more}")
@@ -328,14 +331,17 @@ class _PairSource:
 
         Returns:
             dict with ``moving``, ``fixed`` (float32 ``(1, D0, D1, D2)``), ``moving_seg``,
-            ``fixed_seg`` (uint8 ``(1, D0, D1, D2)`` ROI indices), ``moving_id``, ``fixed_id``.
+            ``fixed_seg`` (uint8 ``(1, D0, D1, D2)`` ROI indices; absent when the dataset
+            has no labels, :attr:`has_labels`), ``moving_id``, ``fixed_id``.
         Raises:
             InputError: bad files, or the two subjects differ in shape (give a ``grid``).
         """
         out = {"moving": self.load(moving_id, self.moving),
                "fixed": self.load(fixed_id, self.fixed),
-               "moving_seg": self.load_seg(moving_id), "fixed_seg": self.load_seg(fixed_id),
                "moving_id": str(moving_id), "fixed_id": str(fixed_id)}
+        if self.has_labels:
+            out["moving_seg"] = self.load_seg(moving_id)
+            out["fixed_seg"] = self.load_seg(fixed_id)
         if out["moving"].shape != out["fixed"].shape:
             raise InputError(f"subjects {moving_id} and {fixed_id}: shapes "
                              f"{tuple(out['moving'].shape[1:])} and "
@@ -430,6 +436,10 @@ class SRRegDataset(_PairSource):
 class ManifestDataset(_PairSource):
     """Subjects listed in a CSV: a ``subject`` column, one column per modality, and ``seg``.
 
+    The ``seg`` column is optional: without it the dataset has no labels
+    (:attr:`has_labels` is False), which unsupervised training (an image-similarity loss)
+    accepts and label-based losses and evaluation refuse.
+
     Cells hold file paths, absolute or relative to the CSV's folder; any two modality columns
     form the moving/fixed pair (IXI T1 -> T2: ``moving="t1", fixed="t2"``). An optional
     ``split`` column (``train``/``val``/``test``) defines the split; otherwise ``split_file`` or
@@ -460,7 +470,8 @@ class ManifestDataset(_PairSource):
                 header = [c.strip() for c in next(csv.reader(fh), [])]
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise InputError(f"{p}: unreadable CSV ({e})") from None
-        for col in ("subject", "seg", self.moving, self.fixed):
+        self.has_labels = "seg" in header
+        for col in ("subject", self.moving, self.fixed):
             if col not in header:
                 raise InputError(f"{p}: no column {col!r} (columns: {header})")
         self.rows = {}
@@ -491,7 +502,7 @@ class ManifestDataset(_PairSource):
         if unknown:
             raise InputError(f"{source}: subjects not in the manifest {p}: {unknown[:10]}")
         for s in self.subjects:
-            for col in (self.moving, self.fixed, "seg"):
+            for col in (self.moving, self.fixed) + (("seg",) if self.has_labels else ()):
                 if not self.rows[s].get(col):
                     raise InputError(f"{p}: subject {s!r} has no {col!r} file")
         self._check_files()

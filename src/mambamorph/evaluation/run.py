@@ -387,6 +387,9 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
     data = DataConfig(root=data_root, manifest=manifest, moving=moving, fixed=fixed,
                       grid=list(grid) if grid else None, split_file=split_file)
     dataset = open_dataset(data, "test", seed)
+    if not dataset.has_labels:
+        raise InputError(f"{manifest}: no 'seg' column; evaluation scores warped label maps "
+                         "and needs one per subject")
     n_subj = len(dataset.subjects)
     if int(n_pairs) > n_subj * (n_subj - 1):
         log.warning("the test split has %d subjects: evaluating all %d ordered pairs instead "
