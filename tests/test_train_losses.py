@@ -170,3 +170,24 @@ def test_gate_keeps_no_flattening_checkpoint(tiny_phantom, tmp_path, caplog):
     assert res.best_score == -math.inf
     assert not (tmp_path / "r/checkpoints/best.json").exists()
     assert "plausibility gate" in caplog.text
+
+
+def test_multiscale_image_loss():
+    import torch.nn.functional as F
+
+    from mambamorph.losses import multiscale_image_loss
+    from mambamorph.nn.spatial import warp
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.rand(1, 1, 16, 12, 8, generator=g)
+    f = torch.rand(1, 1, 16, 12, 8, generator=g)
+    flow = torch.randn(1, 3, 16, 12, 8, generator=g)
+    assert multiscale_image_loss("mind", m, f, flow, (1,)).item() == pytest.approx(
+        image_term("mind", warp(m, flow), f).item(), rel=1e-6)
+    zero = torch.zeros_like(flow)
+    expect = (image_term("lncc", m, f) + image_term("lncc", F.avg_pool3d(m, 2),
+                                                     F.avg_pool3d(f, 2))) / 2
+    assert multiscale_image_loss("lncc", m, f, zero, (1, 2)).item() == pytest.approx(
+        expect.item(), rel=1e-5)  # the identity warp rounds in float32
+    with pytest.raises(InputError, match="does not divide"):
+        multiscale_image_loss("mind", m, f, flow, (3,))

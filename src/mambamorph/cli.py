@@ -85,7 +85,7 @@ def cmd_train(a) -> int:
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
         "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
-        "loss": a.loss, "image_weight": a.image_weight, "max_compressed": a.max_compressed,
+        "loss": a.loss, "image_weight": a.image_weight, "image_scales": a.image_scales, "max_compressed": a.max_compressed,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
         "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "LNCC within one), mind, lncc, mi, dice (label Dice); e.g. image+dice, or "
                    "image alone for data without label maps")
     t.add_argument("--image-weight", type=float, help="weight of the image term")
+    t.add_argument("--image-scales", type=int, nargs="+",
+                   help="image pyramid of the image term (default 1: full resolution)")
     t.add_argument("--dice-weight", type=float, help="weight of the label Dice term")
     t.add_argument("--smooth-weight", type=float)
     t.add_argument("--dice-scales", type=int, nargs="+",

@@ -68,6 +68,9 @@ class TrainConfig:
             ``image+dice``, or ``image`` alone for data without label maps. The smoothness term
             is always added.
         image_weight: weight of the image term.
+        image_scales: image pyramid of the image term (``[1]``: full resolution only; e.g.
+            ``[1, 2, 4]`` also compares average-pooled images, a wider capture range; see
+            :func:`mambamorph.losses.multiscale_image_loss`).
         dice_weight: weight of the soft Dice loss of the warped one-hot ROIs.
         dice_scales: label pyramid of that Dice term (``[1]`` = the paper's loss; e.g.
             ``[1, 2, 4]`` also scores average-pooled labels, a wider capture range; see
@@ -102,6 +105,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     loss: str = "dice"
     image_weight: float = 1.0
+    image_scales: list[int] = field(default_factory=lambda: [1])
     dice_weight: float = 1.0
     dice_scales: list[int] = field(default_factory=lambda: [1])
     smooth_weight: float = 0.2
@@ -144,6 +148,7 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "smooth_weight": (lambda v: v >= 0, "a number >= 0"),
     "flow_weight": (lambda v: v >= 0, "a number >= 0"),
     "dice_scales": (lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1"),
+    "image_scales": (lambda v: len(v) >= 1 and min(v) >= 1, "a list of integers >= 1"),
     "crop": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
     "grid": (lambda v: len(v) == 3 and min(v) >= 1, "three positive integers"),
 }

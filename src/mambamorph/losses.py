@@ -22,7 +22,7 @@ from mambamorph.errors import InputError
 from mambamorph.nn.spatial import in_work_dtype, no_autocast
 
 __all__ = ["SMOOTH_WEIGHT", "IMAGE_TERMS", "LossSpec", "parse_loss", "image_term",
-           "soft_dice_loss", "grad_l2", "multiscale_label_dice_loss"]
+           "soft_dice_loss", "grad_l2", "multiscale_label_dice_loss", "multiscale_image_loss"]
 
 #: Weight of :func:`grad_l2` in the paper's loss: the reference's ``0.1`` times its Grad
 #: ``loss_mult`` of 2. The training code multiplies by it (``smooth_weight`` setting).
@@ -104,21 +104,10 @@ def multiscale_label_dice_loss(moving_onehot: torch.Tensor, fixed_onehot: torch.
     """
     from mambamorph.nn.spatial import warp
 
-    if not scales:
-        raise InputError("expected at least one Dice scale, got none")
-    total = flow.new_zeros(())
-    for s in scales:
-        s = int(s)
-        if s == 1:
-            m, f, u = moving_onehot, fixed_onehot, flow
-        else:
-            if any(d % s for d in flow.shape[2:]):
-                raise InputError(f"Dice scale {s} does not divide the grid {tuple(flow.shape[2:])}")
-            m = F.avg_pool3d(moving_onehot, s)
-            f = F.avg_pool3d(fixed_onehot, s)
-            u = F.avg_pool3d(flow, s) / s  # cell means, in coarse voxels (every voxel pulls)
-        total = total + soft_dice_loss(warp(m, u), f)
-    return total / len(scales)
+    total, n = flow.new_zeros(()), 0
+    for _, (m, f), u in _pyramid(flow, scales, moving_onehot, fixed_onehot):
+        total, n = total + soft_dice_loss(warp(m, u), f), n + 1
+    return total / n
 
 
 #: image similarity terms a training loss may name; ``image`` is MIND-SSD across modalities and
@@ -183,3 +172,43 @@ def image_term(name: str, warped: torch.Tensor, fixed: torch.Tensor,
     if name == "mi":
         return sim.mi_loss(warped, fixed)
     raise InputError(f"unknown image term {name!r}; expected mind, lncc or mi")
+
+
+def _pyramid(flow: torch.Tensor, scales, *volumes: torch.Tensor):
+    """For each integer scale ``s``: ``(s, volumes average-pooled by s, flow pooled by s / s)``
+    (the displacement in coarse voxels), the inputs themselves at ``s == 1``."""
+    if not scales:
+        raise InputError("expected at least one loss scale, got none")
+    for s in scales:
+        s = int(s)
+        if s == 1:
+            yield s, volumes, flow
+            continue
+        if any(d % s for d in flow.shape[2:]):
+            raise InputError(f"loss scale {s} does not divide the grid {tuple(flow.shape[2:])}")
+        yield s, tuple(F.avg_pool3d(v, s) for v in volumes), F.avg_pool3d(flow, s) / s
+
+
+def multiscale_image_loss(name: str, moving: torch.Tensor, fixed: torch.Tensor,
+                          flow: torch.Tensor, scales=(1,)) -> torch.Tensor:
+    """:func:`image_term` of the warped moving and the fixed image, averaged over a pyramid.
+
+    At scale ``s > 1`` both images are average-pooled by ``s`` and warped by the displacement
+    pooled the same way and divided by ``s``, as in :func:`multiscale_label_dice_loss`: MIND's
+    offsets and LNCC's window then span ``s`` times more of the head, so a misalignment of
+    several voxels still gives a consistent gradient (a wider capture range).
+
+    Args:
+        name: ``mind``, ``lncc`` or ``mi``.
+        moving, fixed: ``(B, 1, D0, D1, D2)`` images.
+        flow: ``(B, 3, D0, D1, D2)`` displacement in voxels of the full grid.
+        scales: integer pooling factors, each dividing every spatial dim.
+    Returns:
+        Scalar, the mean over scales.
+    """
+    from mambamorph.nn.spatial import warp
+
+    total, n = flow.new_zeros(()), 0
+    for _, (m, f), u in _pyramid(flow, scales, moving, fixed):
+        total, n = total + image_term(name, warp(m, u), f), n + 1
+    return total / n

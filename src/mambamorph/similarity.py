@@ -143,7 +143,8 @@ def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,
 
     Args:
         a, b: ``(B, C, D0, D1, D2)`` images, same shape.
-        window: odd window side in voxels.
+        window: odd window side in voxels (along an axis shorter than it: the largest odd
+            length that fits, e.g. at the coarse levels of a pyramid).
         eps: stabiliser of the denominator (in squared variance units).
     Returns:
         Scalar tensor in [-1, 0] (float32, or float64 for float64 input).
@@ -162,7 +163,9 @@ def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,
         # one pass of a box filter over the 5 moment images, channels folded into the batch
         stack = torch.stack([x, y, x * x, y * y, x * y], dim=2)  # (B, C, 5, D0, D1, D2)
         stack = stack.reshape(n_b * n_c * 5, 1, *x.shape[2:])  # (B*C*5, 1, D0, D1, D2)
-        mean = F.avg_pool3d(stack, window, stride=1, padding=window // 2,
+        # an axis shorter than the window gets the largest odd window that fits it
+        k = tuple(window if n >= window else n - (n + 1) % 2 for n in x.shape[2:])
+        mean = F.avg_pool3d(stack, k, stride=1, padding=tuple(w // 2 for w in k),
                             count_include_pad=False)
         mean = mean.reshape(n_b, n_c, 5, *x.shape[2:])
         mx, my, mxx, myy, mxy = mean.unbind(dim=2)

@@ -52,8 +52,8 @@ from mambamorph.data.augment import random_crop, synthetic_pair
 from mambamorph.data.datasets import open_dataset, test_pairs
 from mambamorph.errors import InputError, WriteError
 from mambamorph.io import atomic_write_text, prepare_output_dir
-from mambamorph.losses import LossSpec, grad_l2, image_term, multiscale_label_dice_loss, \
-    parse_loss
+from mambamorph.losses import LossSpec, grad_l2, image_term, multiscale_image_loss, \
+    multiscale_label_dice_loss, parse_loss
 from mambamorph.metrics import compressed_percent, dice_per_roi, sdlogj
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
@@ -231,7 +231,7 @@ def pair_loss(model, batch: dict, cfg: TrainConfig, spec: LossSpec, device: torc
         terms["dice"] = multiscale_label_dice_loss(seg_m, seg_f, flow, cfg.dice_scales)
         loss = loss + cfg.dice_weight * terms["dice"]
     if spec.image:
-        terms["image"] = image_term(spec.image, warp(mov, flow), fix)
+        terms["image"] = multiscale_image_loss(spec.image, mov, fix, flow, cfg.image_scales)
         loss = loss + cfg.image_weight * terms["image"]
     terms["smooth"] = grad_l2(out.smooth_target.float())
     loss = loss + cfg.smooth_weight * terms["smooth"]
