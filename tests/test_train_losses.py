@@ -191,3 +191,19 @@ def test_multiscale_image_loss():
         expect.item(), rel=1e-5)  # the identity warp rounds in float32
     with pytest.raises(InputError, match="does not divide"):
         multiscale_image_loss("mind", m, f, flow, (3,))
+
+
+def test_recipes(tmp_path):
+    from mambamorph.config import RECIPES
+
+    assert load_train_config().recipe == "default"
+    paper = load_train_config(overrides={"recipe": "paper"})
+    for key, value in RECIPES["paper"].items():
+        assert getattr(paper, key) == value
+    # a file and flags still override the recipe's values
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: paper\nlr: 0.001\n")
+    cfg = load_train_config(f, {"smooth_weight": 0.5})
+    assert (cfg.loss, cfg.lr, cfg.smooth_weight) == ("dice", 0.001, 0.5)
+    with pytest.raises(InputError, match="recipe"):
+        load_train_config(overrides={"recipe": "fast"})

@@ -84,7 +84,7 @@ def cmd_train(a) -> int:
         if not cfg_path.exists():
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
-        "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
+        "recipe": a.recipe, "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
         "loss": a.loss, "image_weight": a.image_weight, "image_scales": a.image_scales, "max_compressed": a.max_compressed,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML settings (see configs/); flags override it")
     t.add_argument("--data", help="dataset folder in SR-Reg layout (SR-Reg or a phantom)")
     t.add_argument("--manifest", help="CSV manifest (subject, modality columns, seg)")
+    t.add_argument("--recipe", choices=["default", "paper"],
+                   help="starting settings: default (image similarity + label Dice, see "
+                   "docs/weights.md) or paper (label Dice + 0.2 x smoothness, Adam 1e-4, 100 "
+                   "epochs); --config and flags override them")
     t.add_argument("--model", help="model name (mambamorph, voxelmorph, transmorph, ...)")
     t.add_argument("--model-arg", type=_model_arg, action="append",
                    help="model option KEY=VALUE, e.g. residual=true (repeatable)")

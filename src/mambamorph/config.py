@@ -56,6 +56,9 @@ class TrainConfig:
     """The paper's recipe by default (SPEC.md section 4); every field can be overridden.
 
     Attributes:
+        recipe: the named recipe whose values :func:`load_train_config` starts from
+            (:data:`RECIPES`): ``default`` (these dataclass defaults) or ``paper`` (the paper's
+            loss and settings, used by the reproduction rows).
         model: registry name (``mambamorph``, ``voxelmorph``, ...).
         model_args: overrides passed to ``build_model`` (e.g. ``{"residual": True}``).
         lr: Adam learning rate (paper: 1e-4).
@@ -97,6 +100,7 @@ class TrainConfig:
         log_every: steps between CSV/TensorBoard rows.
     """
 
+    recipe: str = "default"
     model: str = "mambamorph"
     model_args: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +131,17 @@ class TrainConfig:
         _check_fields(self, type(self).__name__)
 
 
+#: Named recipes: values laid over the dataclass defaults before a YAML file and flags.
+#: ``default`` is the dataclass defaults themselves; ``paper`` is the paper's weakly supervised
+#: recipe (label Dice + 0.2 x smoothness of the velocity, Adam 1e-4, 100 epochs; SPEC.md section 4).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper": {"loss": "dice", "lr": 1e-4, "epochs": 100, "dice_weight": 1.0,
+              "dice_scales": [1], "image_scales": [1], "smooth_weight": 0.2, "synthetic": 0.0,
+              "max_compressed": 100.0},
+}
+
+
 # --------------------------------------------------------------------------- type checking
 # limits beyond the type (checked after it), as (test, what the value must be)
 _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
@@ -143,6 +158,7 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "max_minutes": (lambda v: v >= 0, "a number >= 0"),
     "dice_weight": (lambda v: v >= 0, "a number >= 0"),
     "image_weight": (lambda v: v >= 0, "a number >= 0"),
+    "recipe": (lambda v: v in RECIPES, f"one of {', '.join(RECIPES)}"),
     "loss": (lambda v: _valid_loss(v), "terms joined by '+' from image, mind, lncc, mi and "
              "dice, at most one image term (e.g. image+dice)"),
     "smooth_weight": (lambda v: v >= 0, "a number >= 0"),
@@ -250,7 +266,9 @@ def _check_fields(obj, source: str) -> None:
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (``None`` skipped).
+    """Defaults, then the recipe's values (``recipe`` of the overrides or the file, see
+    :data:`RECIPES`), then the YAML file at ``path`` (if any), then ``overrides`` (``None``
+    skipped).
 
     ``overrides`` may use dotted keys for data fields (``{"data.root": "..."}``). Every value is
     checked against its option's type (see the module docstring).
@@ -279,7 +297,9 @@ def load_train_config(path: str | Path | None = None, overrides: dict | None = N
     given_data = {k[5:]: given.pop(k) for k in list(given) if k.startswith("data.")}
     given_data = _checked(DataConfig, given_data, "given settings", prefix="data.")
     given = _checked(TrainConfig, given, "given settings")
-    return TrainConfig(**{**file_main, **given}, data=DataConfig(**{**file_data, **given_data}))
+    recipe = given.get("recipe", file_main.get("recipe", "default"))
+    return TrainConfig(**{**RECIPES[recipe], **file_main, **given},
+                       data=DataConfig(**{**file_data, **given_data}))
 
 
 def dump_yaml(cfg) -> str:
