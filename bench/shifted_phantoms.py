@@ -12,8 +12,14 @@ Four datasets, each 20 subjects on the CPU preset grid (96x112x96 at 2 mm), spli
     PYTHONPATH=src python bench/shifted_phantoms.py /work/data/shifted [--only ct-model ...]
 
 writes ``OUT/<name>/`` (the SR-Reg layout of ``mambamorph data phantom``) and prints each set's
-summary. Then, per set, the runs of docs/shifted-phantoms.md (``register_pairs.py`` and
-``mambamorph evaluate`` on ``--pairs 10 --seed 0``).
+summary. Then, per set, the runs of docs/shifted-phantoms.md (``register_pairs.py`` into
+``LOGS/register_pairs_<name>.jsonl`` with tags ``<name>-defaults``, ``<name>-no-model``,
+``<name>-no-io``, and ``mambamorph evaluate`` into ``LOGS/eval-<name>/``, on ``--pairs 10 --seed
+0``), and
+
+    PYTHONPATH=src python bench/shifted_phantoms.py --table LOGS
+
+prints the tables of docs/shifted-phantoms.md from those files.
 """
 
 from __future__ import annotations
@@ -59,12 +65,94 @@ def changed(params: PhantomParams) -> dict:
     return {k: v for k, v in p.items() if d.get(k) != v}
 
 
+_ROWS = (("defaults", "defaults (affine + network + IO)"),
+         ("no-model", "`--no-model` (affine + IO)"),
+         ("no-io", "`--no-io` (affine + network)"))
+_EVAL_ROWS = (("ConvexAdam", "ConvexAdam (evaluate)"),
+              ("MambaMorph + IO", "network + IO (evaluate)"),
+              ("IO (training-free)", "IO (evaluate)"),
+              ("MambaMorph", "network (evaluate)"))
+
+
+def table(logs) -> str:
+    """Markdown tables of docs/shifted-phantoms.md from the run logs in ``logs``."""
+    import csv
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    logs = Path(logs)
+    lines = ["| set | method | Dice | SDlogJ | % J <= 0 | % brain J < 0.2 |",
+             "|---|---|---:|---:|---:|---:|"]
+    summary = ["| set | initial Dice | defaults | `--no-model` | `--no-io` | ConvexAdam | "
+               "defaults - `--no-model` (paired, mean +- se) | defaults - ConvexAdam (paired) |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in SETS:
+        reg, ev = logs / f"register_pairs_{name}.jsonl", logs / f"eval-{name}" / "results.csv"
+        if not reg.is_file() or not ev.is_file():
+            continue
+        runs = {}
+        for line in open(reg):
+            d = json.loads(line)
+            runs[d["tag"][len(name) + 1:]] = d  # the last run of a tag wins
+        evrows: dict[str, list[dict]] = {}
+        with open(ev, newline="") as fh:
+            for r in csv.DictReader(fh):
+                evrows.setdefault(r["method"], []).append(r)
+
+        def ev_dice(method):
+            return {f"{r['moving_id']}->{r['fixed_id']}": float(r["dice"])
+                    for r in evrows[method]}
+
+        def f(x, nd=2):
+            return "-" if x is None or x != x else f"{x:.{nd}f}"
+
+        init = np.array(list(ev_dice("Initial").values()))
+        lines.append(f"| {name} | initial | {init.mean():.2f} +- {init.std():.2f} | | | |")
+        per = {}
+        for tag, label in _ROWS:
+            d = runs[tag]
+            per[tag] = {r["pair"]: r["dice"] for r in d["rows"]}
+            lines.append(f"| {name} | {label} | {d['dice'][0]:.2f} +- {d['dice'][1]:.2f} | "
+                         f"{d['sdlogj'][0]:.3f} | {f(d['fold'][0], 3)} | {f(d['j02'][0], 3)} |")
+        for method, label in _EVAL_ROWS:
+            rs = evrows[method]
+            col = {k: np.array([float(r[k]) for r in rs]) for k in
+                   ("dice", "sdlogj", "folding_percent", "compressed_percent")}
+            lines.append(f"| {name} | {label} | {col['dice'].mean():.2f} +- "
+                         f"{col['dice'].std():.2f} | {col['sdlogj'].mean():.3f} | "
+                         f"{col['folding_percent'].mean():.3f} | "
+                         f"{col['compressed_percent'].mean():.3f} |")
+            per[method] = ev_dice(method)
+
+        def paired(a, b):
+            keys = sorted(per[a])
+            assert set(keys) == set(per[b]), (name, a, b)  # the same 10 pairs
+            diff = np.array([per[a][k] - per[b][k] for k in keys])
+            se = diff.std(ddof=1) / np.sqrt(diff.size)
+            return f"{diff.mean():+.2f} +- {se:.2f}"
+
+        m = {t: np.mean(list(per[t].values())) for t in per}
+        summary.append(f"| {name} | {init.mean():.2f} | {m['defaults']:.2f} | "
+                       f"{m['no-model']:.2f} | {m['no-io']:.2f} | {m['ConvexAdam']:.2f} | "
+                       f"{paired('defaults', 'no-model')} | {paired('defaults', 'ConvexAdam')} |")
+    return "\n".join(summary) + "\n\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", help="folder; each set is written to OUT/<name>")
+    ap.add_argument("out", nargs="?", help="folder; each set is written to OUT/<name>")
     ap.add_argument("--only", nargs="+", choices=list(SETS), default=list(SETS))
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--table", metavar="LOGS", help="print the result tables from the run logs "
+                    "in LOGS instead of building")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(a.table))
+        return 0
+    if a.out is None:
+        ap.error("give OUT (or --table LOGS)")
 
     import logging
     from pathlib import Path
