@@ -257,6 +257,29 @@ def test_rerun_skips_finished_pairs_and_overwrite_recomputes(images, pairs_dir, 
     assert counts["register"] == 7
 
 
+def test_interrupted_run_keeps_finished_pairs_and_resumes(images, pairs_dir, monkeypatch,
+                                                         capsys):
+    """Ctrl-C during the second pair: the summary holds the first (ok) and the second as
+    running; the same command then runs the second and third only."""
+    real, n = reg.Registrar.register, {"calls": 0}
+
+    def register(self, *args, **kwargs):
+        n["calls"] += 1
+        if n["calls"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(reg.Registrar, "register", register)
+    csv_path, out = _three(pairs_dir), pairs_dir / "out"
+    argv = ["register", "--pairs", str(csv_path), "--model", str(images["ckpt"]), "--out",
+            str(out), "--no-io", "--no-affine", "--quiet"]
+    assert main(argv) == 130
+    assert "summary.csv lists every finished pair" in capsys.readouterr().err
+    assert {k: r["status"] for k, r in _summary(out).items()} == {"a": "ok", "b": "running"}
+    assert main(argv) == 0 and n["calls"] == 4  # b and m2__f0
+    assert [r["status"] for r in _summary(out).values()] == ["skipped", "ok", "ok"]
+
+
 def test_files_not_left_by_the_command_are_not_replaced(images, pairs_dir, capsys):
     """A pair folder holding someone's files (no register.json, not a killed pair of this
     command) fails with the --overwrite hint and is left as it was."""
