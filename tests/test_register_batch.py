@@ -29,8 +29,8 @@ def _volume(shift, spacing, shape=(36, 40, 32)):
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     p = idx @ aff[:3, :3].T + aff[:3, 3] - np.asarray(shift)
     r = np.sqrt((((p - CENTRE) / [38.0, 42.0, 34.0]) ** 2).sum(-1))
-    img = (1 / (1 + np.exp((r - 1) / 0.06))) * (100 + 40 * np.sin(p[..., 0] / 7)
-                                                 * np.cos(p[..., 1] / 9) + 30 * np.sin(p[..., 2] / 6))
+    tex = 100 + 40 * np.sin(p[..., 0] / 7) * np.cos(p[..., 1] / 9) + 30 * np.sin(p[..., 2] / 6)
+    img = tex / (1 + np.exp((r - 1) / 0.06))
     seg = np.where(r < 1, 2, 0) + np.where(r < 0.5, 15, 0)
     return nib.Nifti1Image(img.astype(np.float32), aff), nib.Nifti1Image(seg.astype(np.int16), aff)
 
@@ -137,8 +137,9 @@ def test_batch_outputs_equal_the_single_pair_command(images, pairs_dir, one_thre
                  str(pairs_dir / "one"), *QUICK]) == 0
     for name in ("warped.nii.gz", "warped_seg.nii.gz", "displacement_itk.nii.gz",
                  "jacobian.nii.gz"):
-        np.testing.assert_array_equal(np.asanyarray(nib.load(str(out / "a" / name)).dataobj),
-                                      np.asanyarray(nib.load(str(pairs_dir / "one" / name)).dataobj))
+        batch, one = (np.asanyarray(nib.load(str(d / name)).dataobj)
+                      for d in (out / "a", pairs_dir / "one"))
+        np.testing.assert_array_equal(batch, one)
     a, b = (json.loads((d / "register.json").read_text()) for d in (out / "a", pairs_dir / "one"))
     assert {k for k in a if a[k] != b[k]} <= {"seconds_total", "seconds_predict", "seconds_stages"}
 
@@ -185,7 +186,8 @@ def test_failing_pairs_are_reported_and_the_rest_run(images, pairs_dir, counts, 
         ("img/m0.nii.gz", "img/f0.nii.gz", "", "ok1"),
         (str(missing), "img/f0.nii.gz", "", "missing"),
         ("img/m1.nii.gz", str(corrupt), "", "corrupt"),
-        ("img/m2.nii.gz", "img/f1.nii.gz", "", "ok2")], header=("moving", "fixed", "moving_seg", "id"))
+        ("img/m2.nii.gz", "img/f1.nii.gz", "", "ok2")],
+        header=("moving", "fixed", "moving_seg", "id"))
     out = pairs_dir / "out"
     rc = main(["register", "--pairs", str(csv_path), "--model", str(images["ckpt"]),
                "--out", str(out), "--no-io", "--no-affine", "--quiet"])
@@ -199,8 +201,9 @@ def test_failing_pairs_are_reported_and_the_rest_run(images, pairs_dir, counts, 
     assert str(corrupt) in rows["corrupt"]["error"] and "corrupt" in rows["corrupt"]["error"]
     err = captured.err.splitlines()
     assert len(err) == 2 and "Traceback" not in captured.err
-    assert err[0].startswith("mambamorph register: pair missing failed: ") and str(missing) in err[0]
-    assert err[1].startswith("mambamorph register: pair corrupt failed: ") and str(corrupt) in err[1]
+    prefix = "mambamorph register: pair {} failed: "
+    assert err[0].startswith(prefix.format("missing")) and str(missing) in err[0]
+    assert err[1].startswith(prefix.format("corrupt")) and str(corrupt) in err[1]
     assert "2 ok" in captured.out and "2 failed" in captured.out
     assert not (out / "missing").exists()  # nothing written for a pair that failed on reading
 
@@ -359,7 +362,7 @@ def test_read_pairs_paths_and_ids(tmp_path):
         ("x.nii.gz", "y.nii.gz", "", "")], header=("Moving", "fixed", "moving_seg", "id"))
     pairs = read_pairs(p)
     assert [q.id for q in pairs] == ["sub_1_mr___ct", "sub_1_mr___ct-2", "x__y", "x__y-2"]
-    assert pairs[0].moving == sub / "../a/sub 1 (mr).nii.gz" and pairs[0].moving_seg is None
+    assert pairs[0].moving == tmp_path / "a" / "sub 1 (mr).nii.gz" and pairs[0].moving_seg is None
     assert str(pairs[0].fixed) == "/data/ct.nii" and pairs[2].moving_seg == sub / "s.nii.gz"
     with pytest.raises(InputError, match="not a safe folder name"):
         read_pairs(_csv(tmp_path / "q.csv", [("a", "b", "summary.csv")],

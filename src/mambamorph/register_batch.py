@@ -51,11 +51,12 @@ log = logging.getLogger(__name__)
 
 #: the summary file in the output folder.
 SUMMARY_NAME = "summary.csv"
-#: its columns: the pair's id and input paths; ``ok`` / ``failed`` / ``skipped`` (a complete
-#: result found from an earlier run) / ``running`` (only while it runs, or after a kill); wall seconds of the pair's registration; % of model-grid
-#: voxels with a Jacobian determinant <= 0 and the std of its log (SDlogJ) of the deformable
-#: field; the message of a failed pair. A skipped pair keeps the figures of the run that
-#: computed it (SDlogJ when that run's summary had it).
+#: its columns: the pair's id and input paths; the status: ``ok``, ``failed``, ``skipped`` (a
+#: complete result found from an earlier run) or ``running`` (only while it runs, or after a
+#: kill); wall seconds of the pair's registration; % of model-grid voxels with a Jacobian
+#: determinant <= 0 and the std of its log (SDlogJ) of the deformable field; the message of a
+#: failed pair. A skipped pair keeps the figures of the run that computed it (SDlogJ when that
+#: run's summary had it).
 SUMMARY_COLUMNS = ("id", "moving", "fixed", "status", "seconds", "folding_percent", "sdlogj",
                    "error")
 
@@ -145,7 +146,7 @@ def _safe(text: str) -> str:
 
 
 def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
-    """The pairs of a pairs file (module docstring), paths made absolute-or-CSV-relative.
+    """The pairs of a pairs file (module docstring), with absolute paths.
 
     Only the file is read: whether each image exists is found out when its pair runs.
 
@@ -204,9 +205,8 @@ def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
     if not pairs:
         raise InputError(f"{p}: no pairs (a header but no rows); expected {expected}")
 
-    def path(value: str) -> Path:
-        q = Path(value).expanduser()
-        return q if q.is_absolute() else p.parent / q
+    def path(value: str) -> Path:  # absolute, ".." folded (as the summary shows it)
+        return Path(os.path.abspath(p.parent / Path(value).expanduser()))
 
     rows, given = [], {}
     for line, row in pairs:
