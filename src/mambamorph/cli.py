@@ -318,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "grid): warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
                     "displacement_itk.nii.gz (the whole transform as an ITK/ANTs displacement "
                     "field), affine_itk.tfm (the affine stage), jacobian.nii.gz, qc.png, "
-                    "register.json.")
-    r.add_argument("moving", nargs="?", help="moving image (.nii or .nii.gz)")
+                    "register.json. With --pairs CSV instead of MOVING FIXED: many pairs, one "
+                    "folder each (OUT/ID/) and OUT/summary.csv.")
+    r.add_argument("moving", nargs="?", help="moving image (.nii or .nii.gz); not with --pairs")
     r.add_argument("fixed", nargs="?", help="fixed image; every output is on its grid")
     r.add_argument("--pairs", metavar="CSV", default=None,
                    help="many pairs instead of MOVING FIXED: a CSV with columns moving, fixed "
