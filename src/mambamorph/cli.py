@@ -153,12 +153,44 @@ def register_options(a) -> dict:
 
 
 def cmd_register(a) -> int:
+    if a.pairs is not None:
+        if a.moving is not None or a.fixed is not None:
+            raise InputError("--pairs takes the pairs from its CSV: give either MOVING FIXED or "
+                             "--pairs CSV, not both")
+        if a.moving_seg is not None:
+            raise InputError("--moving-seg is for one pair; with --pairs give the label maps in "
+                             "a moving_seg column of the CSV")
+        return _register_pairs(a)
+    if a.moving is None or a.fixed is None:
+        raise InputError("give MOVING and FIXED (or --pairs CSV for many pairs)")
     from mambamorph.register import register_files
 
     res = register_files(a.moving, a.fixed, out=a.out, moving_seg=a.moving_seg,
                          device=a.device, overwrite=a.overwrite, **register_options(a))
     print(res)
     return 0
+
+
+def _register_pairs(a) -> int:
+    """``register --pairs``: every pair with one network load; exit 1 when a pair failed."""
+    from tqdm import tqdm
+
+    from mambamorph.register import Registrar
+    from mambamorph.register_batch import read_pairs, register_pairs
+
+    def report(row) -> None:
+        if row.status == "failed":
+            hint = (" (--overwrite replaces it)" if isinstance(row.exception, OutputExistsError)
+                    else "")
+            tqdm.write(f"mambamorph register: pair {row.id} failed: {row.error}{hint}",
+                       file=sys.stderr)
+
+    pairs = read_pairs(a.pairs)  # a bad CSV stops before the network is loaded
+    registrar = Registrar(device=a.device, **register_options(a))
+    res = register_pairs(pairs, a.out, registrar, overwrite=a.overwrite,
+                         progress=not a.quiet, on_pair=report)
+    print(res)
+    return 1 if res.failed else 0
 
 
 def cmd_bench(a) -> int:
@@ -292,9 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "grid): warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
                     "displacement_itk.nii.gz (the whole transform as an ITK/ANTs displacement "
                     "field), affine_itk.tfm (the affine stage), jacobian.nii.gz, qc.png, "
-                    "register.json.")
-    r.add_argument("moving", help="moving image (.nii or .nii.gz)")
-    r.add_argument("fixed", help="fixed image; every output is on its grid")
+                    "register.json. With --pairs CSV instead of MOVING FIXED: many pairs, one "
+                    "folder each (OUT/ID/) and OUT/summary.csv.")
+    r.add_argument("moving", nargs="?", help="moving image (.nii or .nii.gz); not with --pairs")
+    r.add_argument("fixed", nargs="?", help="fixed image; every output is on its grid")
+    r.add_argument("--pairs", metavar="CSV", default=None,
+                   help="many pairs instead of MOVING FIXED: a CSV with columns moving, fixed "
+                        "(optional moving_seg, id; paths relative to the CSV's folder or "
+                        "absolute); the network is loaded once, each pair goes to OUT/ID/, "
+                        "OUT/summary.csv lists every pair; a rerun skips finished pairs; exit "
+                        "code 1 when a pair failed")
     r.add_argument("--model", default=None,
                    help="trained checkpoint (.safetensors/.json from `mambamorph train`); "
                         "default: the mambamorph weights shipped in the package (phantom, "
@@ -317,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (created if missing)")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace outputs of an earlier run in --out")
+                   help="replace outputs of an earlier run in --out (with --pairs: recompute "
+                        "finished pairs too)")
+    quiet(r)
     r.set_defaults(func=cmd_register)
 
     b = sub.add_parser("bench", help="time and memory of every model and of the scan paths")
@@ -356,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mambamorph {args.command}: interrupted (training saved its last checkpoint)",
-              file=sys.stderr)
+        saved = ("summary.csv lists every finished pair; the same command resumes"
+                 if getattr(args, "pairs", None) and args.command == "register" else
+                 "training saved its last checkpoint")
+        print(f"mambamorph {args.command}: interrupted ({saved})", file=sys.stderr)
         return 130
 
 
