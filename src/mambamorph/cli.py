@@ -117,13 +117,14 @@ def cmd_evaluate(a) -> int:
                              moving=a.moving, fixed=a.fixed, grid=a.grid, n_pairs=a.pairs,
                              seed=a.seed, out_dir=a.out, device=a.device,
                              identity=not a.no_identity, ants=a.ants, overwrite=a.overwrite,
-                             progress=not a.quiet, io=a.io, specs=a.methods or ())
+                             progress=not a.quiet, io=a.io, specs=a.methods or (),
+                             precision=a.precision)
     print(summary)
     return 0
 
 
 def register_options(a) -> dict:
-    """``register_files`` keywords (``model``, ``affine``, ``io``, ``io_config``) for parsed
+    """``register_files`` keywords (``model``, ``affine``, ``io``, ``io_config``, ``precision``) for parsed
     ``register`` arguments; the one mapping from flags to settings (also used by
     ``bench/register_pairs.py``).
 
@@ -149,7 +150,7 @@ def register_options(a) -> dict:
         cfg = replace(cfg, lam=a.io_weight)
     return {"model": None if a.no_model else (a.model or DEFAULT_MODEL),
             "affine": "none" if a.no_affine else (a.align or _ALIGN_DEFAULT),
-            "io": not a.no_io, "io_config": cfg}
+            "io": not a.no_io, "io_config": cfg, "precision": a.precision}
 
 
 def cmd_register(a) -> int:
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def quiet(sp):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def precision_flag(sp):
+        sp.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="the network's inference precision: auto (default: bfloat16 on a "
+                        "CPU that computes it natively, AVX512-BF16/AMX, else float32), fp32, "
+                        "bf16 (docs/results.md measures speed and Dice of each)")
 
     d = sub.add_parser("data", help="build or inspect datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint path, or PATH+io")
     e.add_argument("--ants", action="store_true",
                    help="add ANTs SyN (same as --methods ants-syn; needs mambamorph[ants])")
+    precision_flag(e)
     e.add_argument("--out", required=True, help="folder for tables and figures")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation's files in --out")
@@ -352,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--io-weight", type=float, default=None, metavar="LAMBDA",
                    help="instance optimisation: weight of the diffusion regulariser (default "
                         f"{_io_default('lam')}; larger = smoother field)")
+    precision_flag(r)
     r.add_argument("--moving-seg", help="label map of the moving image, warped with nearest")
     r.add_argument("--out", required=True, help="output folder (created if missing)")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")

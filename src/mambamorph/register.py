@@ -69,7 +69,7 @@ from mambamorph.metrics import sdlogj_of_determinant
 from mambamorph.optimize.affine import align_affine
 from mambamorph.optimize.instance import IOConfig, instance_optimise
 from mambamorph.register_products import WORKERS, stage, write_products
-from mambamorph.runtime import Timer, resolve_device
+from mambamorph.runtime import Timer, resolve_device, resolve_precision
 from mambamorph.space import (DEFAULT_GRID, DEFAULT_SPACING, ModelSpace, displacement_to_fixed,
                               model_space, model_space_from_meta, warn_outside, warp_to_fixed)
 from mambamorph.data.preprocess import foreground_centre
@@ -242,8 +242,10 @@ class Registrar:
         io: refine the field by instance optimisation (default on).
         io_config: settings of the instance optimisation (default :class:`IOConfig()`, chosen on
             the phantom's validation pairs: docs/io-tuning.md).
+        precision: the network's inference precision: ``fp32``, ``bf16`` or ``auto``
+            (:func:`mambamorph.runtime.resolve_precision`).
     Raises:
-        InputError: a bad ``affine`` value; no stage to run (no model, no IO and no affine); an
+        InputError: a bad ``affine`` value or precision; no stage to run (no model, no IO and no affine); an
             unavailable device; a model name or missing checkpoint.
 
     Attributes:
@@ -254,7 +256,8 @@ class Registrar:
 
     def __init__(self, model: str | os.PathLike | None = DEFAULT_MODEL,
                  device: str | torch.device = "cpu", affine: bool | str = True,
-                 io: bool = True, io_config: IOConfig | None = None) -> None:
+                 io: bool = True, io_config: IOConfig | None = None,
+                 precision: str | None = "fp32") -> None:
         align = {True: "affine", False: "none"}.get(affine, affine)
         if align not in ("affine", "rigid", "none"):
             raise InputError(f"affine pre-alignment: expected 'affine', 'rigid' or 'none', got "
@@ -264,6 +267,7 @@ class Registrar:
                              "affine stage")
         self.align, self.io, self.io_config = align, io, io_config
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.checkpoint = _check_checkpoint_arg(model) if model is not None else None
         self.loads = 0
         self._network: tuple[torch.nn.Module, dict] | None = None
@@ -326,7 +330,7 @@ class Registrar:
             u_t = torch.zeros((1, 3, *space.shape), device=dev)
             if net is not None:
                 with torch.no_grad(), Timer(dev) as timer:
-                    pred = predict(net, mov_t, fix_t)
+                    pred = predict(net, mov_t, fix_t, precision=self.precision)
                 stages["network"] = timer.seconds
                 u_t, velocity = pred.flow.float(), pred.velocity
                 if not torch.isfinite(u_t).all():
@@ -360,7 +364,8 @@ class Registrar:
             instance_optimisation=io, warnings=notes)
         written["record"] = paths["record"]  # listed in the record itself
         result.seconds_total = time.perf_counter() - t_start
-        record = _record(result, mov, fix, seg, io_config or IOConfig() if io else None)
+        record = _record(result, mov, fix, seg, io_config or IOConfig() if io else None,
+                         self.precision if net is not None else None)
         atomic_write_bytes(paths["record"], (json.dumps(record, indent=2) + "\n").encode(),
                            overwrite=overwrite)
         log.info("%s", result)
@@ -373,7 +378,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                    moving_seg: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu", overwrite: bool = False,
                    affine: bool | str = True, io: bool = True,
-                   io_config: IOConfig | None = None) -> RegistrationResult:
+                   io_config: IOConfig | None = None,
+                   precision: str | None = "fp32") -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and write the results.
 
     Stages (module docstring): affine pre-alignment in world space (``affine``), the network's
@@ -399,6 +405,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
         io: refine the field by instance optimisation (default on).
         io_config: settings of the instance optimisation (default :class:`IOConfig()`, chosen on
             the phantom's validation pairs: docs/io-tuning.md).
+        precision: the network's inference precision: ``fp32``, ``bf16`` or ``auto`` (see
+            :func:`mambamorph.models.predict`; recorded in register.json).
     Returns:
         A :class:`RegistrationResult` (``str()`` gives a readable summary).
     Raises:
@@ -407,7 +415,7 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             checkpoint; malformed meta spacing/grid, or a grid the model cannot run on; an
             unavailable device; no stage to run (no model, no IO and no affine).
     """
-    return Registrar(model, device, affine, io, io_config).register(
+    return Registrar(model, device, affine, io, io_config, precision).register(
         moving, fixed, out, moving_seg=moving_seg, overwrite=overwrite)
 
 
@@ -470,7 +478,7 @@ def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]
 
 
 def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | None,
-            io_config: IOConfig | None) -> dict:
+            io_config: IOConfig | None, precision: str | None = None) -> dict:
     def path(v):
         return str(Path(v.path).resolve()) if v is not None else None
 
@@ -478,7 +486,7 @@ def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | Non
         "mambamorph_version": __version__,
         "moving": path(mov), "fixed": path(fix), "moving_seg": path(seg),
         "checkpoint": str(res.checkpoint.resolve()) if res.checkpoint else None,
-        "model": res.model, "device": res.device,
+        "model": res.model, "device": res.device, "network_precision": precision,
         "model_space": {"grid": list(res.space.shape), "spacing_mm": list(res.space.spacing),
                         "affine": np.round(res.space.affine, 6).tolist(),
                         "defaulted": res.defaulted},
