@@ -3,17 +3,22 @@
 This is the only module that turns errors into exit codes: user mistakes
 (:class:`mambamorph.errors.MambaMorphError`) print one line on stderr and exit 2; Ctrl-C exits
 130 after the library saved what it had.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; only rank 0 prints results and
+warnings. Another rank prints its own errors with its rank ("rank 1: ...") and nothing for an
+error it merely received from rank 0 (:class:`~mambamorph.errors.PeerError`) or for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from mambamorph import __version__
-from mambamorph.errors import InputError, MambaMorphError, OutputExistsError
+from mambamorph.errors import InputError, MambaMorphError, OutputExistsError, PeerError
 
 
 def _grid(text: str) -> list[int]:
@@ -40,6 +45,16 @@ def _io_default(name: str):
     from mambamorph.optimize.instance import IOConfig
 
     return getattr(IOConfig(), name)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 in a plain run; a malformed value counts as 0
+    here and is reported by :func:`mambamorph.distributed.launch_from_env`)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            else 0
+    except ValueError:
+        return 0
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -85,6 +100,7 @@ def cmd_train(a) -> int:
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
         "recipe": a.recipe, "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
+        "batch_size": a.batch_size,
         "loss": a.loss, "image_weight": a.image_weight, "image_scales": a.image_scales, "max_compressed": a.max_compressed,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
@@ -103,6 +119,8 @@ def cmd_train(a) -> int:
                                                                  "threads")}
     cfg = load_train_config(cfg_path, overrides)
     res = train(cfg, run_dir, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    if _rank():
+        return 0
     print(f"trained {cfg.model}: {res.steps} steps ({res.epochs_done:.2f} epochs) in "
           f"{res.seconds / 60:.1f} min; best validation score {res.best_score:.2f}"
           f"{' (stopped by the time budget)' if res.stopped_early else ''}")
@@ -255,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grid", type=_grid, help="crop/pad volumes to this grid")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
-    t.add_argument("--steps", type=int, help="pairs per epoch (default: training subjects)")
+    t.add_argument("--steps", type=int,
+                   help="steps (optimizer updates) per epoch (default: training subjects)")
+    t.add_argument("--batch-size", type=int,
+                   help="pairs per step and per process (default 1); the loss is their mean. "
+                   "Under torchrun with N processes a step sees N x this many pairs")
     t.add_argument("--loss", help="data terms joined by '+': image (MIND-SSD across modalities, "
                    "LNCC within one), mind, lncc, mi, dice (label Dice); e.g. image+dice, or "
                    "image alone for data without label maps")
@@ -395,21 +417,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    rank = _rank()
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=logging.ERROR if rank else level,
                         format="%(levelname)s %(name)s: %(message)s")
+    where = f"rank {rank}: " if rank else ""
     try:
         return args.func(args)
+    except PeerError as e:  # rank 0 reports it
+        if not rank:
+            print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except OutputExistsError as e:
-        print(f"mambamorph {args.command}: error: {e} (--overwrite replaces it)", file=sys.stderr)
+        print(f"mambamorph {args.command}: error: {where}{e} (--overwrite replaces it)",
+              file=sys.stderr)
         return 2
     except MambaMorphError as e:
-        print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
+        print(f"mambamorph {args.command}: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        saved = ("summary.csv lists every finished pair; the same command resumes"
-                 if getattr(args, "pairs", None) and args.command == "register" else
-                 "training saved its last checkpoint")
-        print(f"mambamorph {args.command}: interrupted ({saved})", file=sys.stderr)
+        if not rank:
+            saved = ("summary.csv lists every finished pair; the same command resumes"
+                     if getattr(args, "pairs", None) and args.command == "register" else
+                     "training saved its last checkpoint")
+            print(f"mambamorph {args.command}: interrupted ({saved})", file=sys.stderr)
         return 130
 
 

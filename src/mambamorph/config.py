@@ -63,8 +63,12 @@ class TrainConfig:
         model_args: overrides passed to ``build_model`` (e.g. ``{"residual": True}``).
         lr: Adam learning rate (paper: 1e-4).
         epochs: number of epochs (paper: 100).
-        steps_per_epoch: random pairs per epoch; ``None`` = number of training subjects (150 on
-            SR-Reg, as the paper).
+        steps_per_epoch: steps (optimizer updates, each on ``batch_size`` random pairs) per
+            epoch; ``None`` = number of training subjects (150 on SR-Reg, as the paper).
+        batch_size: pairs per step and per process; the loss is the mean of the pairs' losses
+            (their gradients are averaged). Under ``torchrun`` with N processes a step sees
+            N x batch_size pairs (DDP averages the gradients over the processes too), so the
+            effective batch is N x batch_size; the learning rate is not scaled.
         loss: the training loss's data terms, joined by ``+`` (see
             :func:`mambamorph.losses.parse_loss`): ``image`` (MIND-SSD across modalities,
             LNCC within one), ``mind``, ``lncc``, ``mi`` and ``dice`` (label Dice); e.g.
@@ -107,6 +111,7 @@ class TrainConfig:
     lr: float = 1e-4
     epochs: int = 100
     steps_per_epoch: int | None = None
+    batch_size: int = 1
     loss: str = "dice"
     image_weight: float = 1.0
     image_scales: list[int] = field(default_factory=lambda: [1])
@@ -148,6 +153,7 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lr": (lambda v: v > 0, "a positive number"),
     "epochs": (lambda v: v >= 1, "an integer >= 1"),
     "steps_per_epoch": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "log_every": (lambda v: v >= 1, "an integer >= 1"),
     "threads": (lambda v: v >= 1, "an integer >= 1"),
     "val_pairs": (lambda v: v >= 0, "an integer >= 0"),
