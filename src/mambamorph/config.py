@@ -53,7 +53,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The paper's recipe by default (SPEC.md section 4); every field can be overridden.
+    """Training settings; the defaults are the ``default`` recipe (see docs/weights.md):
+    MIND-SSD image similarity + label Dice at label scales 1, 2, 4, smoothness 1.0 on the
+    velocity, Adam 1e-4, and no checkpoint kept as best whose validation fields compress more
+    than 0.5 % of the brain below J = 0.2. ``recipe="paper"`` (through
+    :func:`load_train_config`) gives the paper's (SPEC.md section 4). Every field can be
+    overridden.
 
     Attributes:
         recipe: the named recipe whose values :func:`load_train_config` starts from
@@ -112,18 +117,18 @@ class TrainConfig:
     epochs: int = 100
     steps_per_epoch: int | None = None
     batch_size: int = 1
-    loss: str = "dice"
+    loss: str = "image+dice"
     image_weight: float = 1.0
     image_scales: list[int] = field(default_factory=lambda: [1])
     dice_weight: float = 1.0
-    dice_scales: list[int] = field(default_factory=lambda: [1])
-    smooth_weight: float = 0.2
+    dice_scales: list[int] = field(default_factory=lambda: [1, 2, 4])
+    smooth_weight: float = 1.0
     synthetic: float = 0.0
     synthetic_voxels: float = 5.0
     flow_weight: float = 1.0
     crop: list[int] | None = None
     val_pairs: int = 10
-    max_compressed: float = 100.0
+    max_compressed: float = 0.5
     seed: int = 0
     device: str = "auto"
     amp: bool = True
