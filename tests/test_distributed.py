@@ -29,6 +29,7 @@ from mambamorph.config import DataConfig, TrainConfig, dump_yaml, load_train_con
 from mambamorph.distributed import Launch, Session, distributed_device, launch_from_env
 from mambamorph.errors import InputError
 from mambamorph.train import train
+from conftest import last_logged_step
 
 needs_gloo = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -162,14 +163,6 @@ def _worker_pid(tag: str, rank: int) -> int | None:
     return None
 
 
-def _last_step(run: Path) -> int:
-    try:
-        lines = (run / "log.csv").read_text().splitlines()[1:]
-    except OSError:
-        return 0
-    return max([int(r.split(",")[0]) for r in lines if r.split(",")[0].isdigit()], default=0)
-
-
 @needs_gloo
 @needs_proc
 def test_sigterm_to_one_rank_stops_both_with_a_saved_state(tiny_phantom, tmp_path):
@@ -178,7 +171,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_saved_state(tiny_phantom, tmp_pat
     tag = uuid.uuid4().hex
     proc = _torchrun(["--config", str(cfg_file), "--out", str(run)], tag)
     t_end = time.time() + 120
-    while _last_step(run) < 3 and proc.poll() is None and time.time() < t_end:
+    while last_logged_step(run) < 3 and proc.poll() is None and time.time() < t_end:
         time.sleep(0.05)
     pid = _worker_pid(tag, rank=1)
     assert pid is not None and proc.poll() is None, proc.communicate()[1][-3000:]
@@ -188,12 +181,12 @@ def test_sigterm_to_one_rank_stops_both_with_a_saved_state(tiny_phantom, tmp_pat
     assert _worker_pid(tag, 0) is None and _worker_pid(tag, 1) is None
     state = json.loads((run / "checkpoints" / "last_state.json").read_text())
     stopped = state["step"]
-    assert 3 <= stopped < 1000 and stopped == _last_step(run)  # saved after its last step
+    assert 3 <= stopped < 1000 and stopped == last_logged_step(run)  # saved after its last step
     assert f"stopping after step {stopped}: a process of the run received SIGINT or " \
            "SIGTERM" in err and "interrupted (training saved its last checkpoint)" in err
     # and the saved state resumes (two more steps)
     _run2(["--out", str(run), "--resume", "--epochs", str(stopped // 2 + 2)])
-    assert _last_step(run) == 2 * (stopped // 2 + 2)
+    assert last_logged_step(run) == 2 * (stopped // 2 + 2)
 
 
 def _agreement_worker(rank: int, port: int, out: str) -> None:
