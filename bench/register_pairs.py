@@ -17,6 +17,14 @@ pair from what the command wrote:
     python bench/register_pairs.py DATA --split test --pairs 10 --tag default
     python bench/register_pairs.py DATA --split val --pairs 10 --tag no-affine -- --no-affine
 
+With ``--batch``, the pairs go instead through one ``mambamorph register --pairs`` command (a
+new process; the network is loaded once): the row gives the pairs, pairs per minute (pairs / the
+command's whole wall time, start-up included), that wall time, the mean seconds per pair from its
+``summary.csv`` and the scores. Throughput with the shipped model, with and without IO:
+
+    python bench/register_pairs.py DATA --pairs 10 --batch --tag "batch, defaults"
+    python bench/register_pairs.py DATA --pairs 10 --batch --tag "batch, no IO" -- --no-io
+
 Arguments after ``--`` are passed to ``mambamorph register`` (and mapped onto ``register_files``
 for the in-process run). Prints one table row and appends a JSON line to ``--log``.
 """
@@ -87,6 +95,33 @@ def _kwargs(extra: list[str]) -> dict:
                                                        *extra]))
 
 
+def _batch(todo: list, tmp: Path, extra: list[str]) -> tuple[list[dict], dict]:
+    """Every pair of ``todo`` through one ``mambamorph register --pairs`` command (a new Python
+    process: start-up, imports and the one network load included): the scored rows (seconds:
+    the pair's own time from summary.csv) and the throughput."""
+    import csv
+
+    lines = ["id,moving,fixed,moving_seg"] + [
+        f"p{k},{mov},{fix},{mseg}" for k, (_, mov, fix, mseg, _) in enumerate(todo)]
+    (tmp / "pairs.csv").write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, "-m", "mambamorph.cli", "register", "--pairs", str(tmp / "pairs.csv"),
+           "--out", str(tmp / "batch"), "--quiet", *extra]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
+    with open(tmp / "batch" / "summary.csv", newline="") as fh:
+        summary = {r["id"]: r for r in csv.DictReader(fh)}
+    rows = []
+    for k, (label, *_, fseg) in enumerate(todo):
+        row = {"pair": label, "seconds": float(summary[f"p{k}"]["seconds"]),
+               **_score(tmp / "batch" / f"p{k}", fseg)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, {"command_seconds_total": wall, "pairs_per_minute": 60.0 * len(todo) / wall}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -101,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="")
     p.add_argument("--commands", action="store_true",
                    help="also time the whole `mambamorph register` command per pair")
+    p.add_argument("--batch", action="store_true",
+                   help="instead: one `mambamorph register --pairs` command for all the pairs "
+                        "(network loaded once); prints pairs per minute")
     p.add_argument("--log", default="register_pairs.jsonl")
     p.add_argument("--move", type=float, nargs=2, metavar=("DEG", "MM"), default=None,
                    help="move each moving image (and its labels) in world space by a random rigid "
@@ -116,40 +154,50 @@ def main(argv=None) -> int:
 
     ds = SRRegDataset(a.data, split=a.split, moving=a.moving, fixed=a.fixed)
     pairs = test_pairs(ds.subjects, a.pairs, a.seed)
-    kw = _kwargs(extra)
-    rows = []
+    rows, batch = [], {}
     with tempfile.TemporaryDirectory(prefix="mm-pairs-") as tmp:
+        todo = []  # (label, moving, fixed, moving_seg, fixed_seg)
         for k, (m, f) in enumerate(pairs):
-            mov, fix = ds.image_path(m, a.moving), ds.image_path(f, a.fixed)
-            mseg = ds.seg_path(m)
+            mov, mseg = ds.image_path(m, a.moving), ds.seg_path(m)
             if a.move:
                 mov, mseg = _moved(mov, mseg, Path(tmp) / f"moved{k}", *a.move, seed=k)
-            out = Path(tmp) / f"p{k}"
-            t0 = time.perf_counter()
-            register_files(mov, fix, out=out, moving_seg=mseg, **kw)
-            row = {"pair": f"{m}->{f}", "seconds": time.perf_counter() - t0,
-                   **_score(out, ds.seg_path(f))}
-            if a.commands:
-                cmd = [sys.executable, "-m", "mambamorph.cli", "register", str(mov), str(fix),
-                       "--moving-seg", str(mseg), "--out", str(Path(tmp) / f"c{k}"),
-                       *extra]
+            todo.append((f"{m}->{f}", mov, ds.image_path(f, a.fixed), mseg, ds.seg_path(f)))
+        if a.batch:
+            rows, batch = _batch(todo, Path(tmp), extra)
+        else:
+            kw = _kwargs(extra)
+            for k, (label, mov, fix, mseg, fseg) in enumerate(todo):
+                out = Path(tmp) / f"p{k}"
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, capture_output=True)
-                row["command_seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                register_files(mov, fix, out=out, moving_seg=mseg, **kw)
+                row = {"pair": label, "seconds": time.perf_counter() - t0, **_score(out, fseg)}
+                if a.commands:
+                    cmd = [sys.executable, "-m", "mambamorph.cli", "register", str(mov),
+                           str(fix), "--moving-seg", str(mseg), "--out",
+                           str(Path(tmp) / f"c{k}"), *extra]
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, check=True, capture_output=True)
+                    row["command_seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
     def ms(key):
         v = np.array([r[key] for r in rows if key in r], dtype=np.float64)
         return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
 
     summary = {"tag": a.tag, "split": a.split, "n": len(rows), "flags": extra,
-               "threads": torch.get_num_threads(),
+               "threads": torch.get_num_threads(), **batch,
                **{k: ms(k) for k in ("dice", "sdlogj", "fold", "j02", "seconds",
                                      "command_seconds")}, "rows": rows}
     with open(a.log, "a") as fh:
         fh.write(json.dumps(summary) + "\n")
     d, s = summary["dice"], summary["sdlogj"]
+    if a.batch:
+        print(f"| {a.tag or ' '.join(extra) or 'defaults'} | {len(rows)} | "
+              f"{batch['pairs_per_minute']:.2f} | {batch['command_seconds_total']:.1f} | "
+              f"{summary['seconds'][0]:.1f} | {d[0]:.2f} +- {d[1]:.2f} | {s[0]:.3f} | "
+              f"{summary['fold'][0]:.4f} |")
+        return 0
     print(f"| {a.tag or ' '.join(extra) or 'defaults'} | {d[0]:.2f} +- {d[1]:.2f} | {s[0]:.3f} | "
           f"{summary['fold'][0]:.4f} | {summary['j02'][0]:.3f} | {summary['seconds'][0]:.1f} | "
           f"{summary['command_seconds'][0]:.1f} |")

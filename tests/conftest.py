@@ -55,3 +55,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def last_logged_step(run) -> int:
+    """The last step logged in ``run/log.csv`` (0 when there is none yet); for the tests that
+    kill or stop a training run part-way (resume, distributed)."""
+    try:
+        lines = (run / "log.csv").read_text().splitlines()[1:]
+    except OSError:
+        return 0
+    return max([int(r.split(",")[0]) for r in lines if r.split(",")[0].isdigit()], default=0)

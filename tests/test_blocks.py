@@ -301,3 +301,21 @@ def test_check_pair():
             check_pair(a, bad, 1, 16, "m")
     with pytest.raises(InputError):
         check_pair(torch.zeros(1, 1, 16, 24, 16), torch.zeros(1, 1, 16, 24, 16), 1, 16, "m")
+
+
+def test_box_pool_is_torch_average_pooling():
+    """BoxPool3d (a depthwise convolution) = AvgPool3d(3, 2, 1) with padding counted, values and
+    gradients, odd and even sizes, channels-last too."""
+    from mambamorph.nn.blocks import BoxPool3d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 12, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    ref = torch.nn.AvgPool3d(3, stride=2, padding=1)(x)
+    out = BoxPool3d()(x)
+    assert out.shape == ref.shape == (2, 3, 5, 6, 4)
+    assert torch.allclose(out, ref, atol=1e-14)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gr,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(gx, gr, atol=1e-13)
+    xl = x.detach().float().contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(BoxPool3d()(xl), ref.detach().float(), atol=1e-6)

@@ -4,11 +4,16 @@ from mambamorph.config import DataConfig, TrainConfig, dump_yaml, load_train_con
 from mambamorph.errors import InputError
 
 
-def test_defaults_are_the_paper_recipe():
+def test_defaults_and_the_paper_recipe():
     cfg = load_train_config()
-    assert cfg.model == "mambamorph"
-    assert cfg.lr == 1e-4 and cfg.epochs == 100 and cfg.smooth_weight == pytest.approx(0.2)
+    assert cfg.model == "mambamorph" and cfg.recipe == "default"
+    assert cfg.loss == "image+dice" and cfg.dice_scales == [1, 2, 4]
+    assert cfg.lr == 1e-4 and cfg.epochs == 100 and cfg.smooth_weight == pytest.approx(1.0)
+    assert cfg.max_compressed == 0.5
     assert cfg.data.moving == "mr" and cfg.data.fixed == "ct"
+    paper = load_train_config(overrides={"recipe": "paper"})
+    assert paper.loss == "dice" and paper.dice_scales == [1] and paper.lr == 1e-4
+    assert paper.smooth_weight == pytest.approx(0.2) and paper.max_compressed == 100.0
 
 
 def test_yaml_then_flags_override(tmp_path):

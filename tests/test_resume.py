@@ -22,6 +22,7 @@ from mambamorph.cli import main
 from mambamorph.config import DataConfig, TrainConfig, dump_yaml
 from mambamorph.errors import InputError, WriteError
 from mambamorph.train import train
+from conftest import last_logged_step
 
 EPOCHS, STEPS = 8, 2  # 16 steps, a checkpoint every 2
 SMALL = {"enc_features": [4, 4, 4, 4], "dec_features": [4] * 6}  # a cheap voxelmorph
@@ -176,14 +177,6 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
-def _last_step(run: Path) -> int:
-    try:
-        lines = (run / "log.csv").read_text().splitlines()[1:]
-    except OSError:
-        return 0
-    return max([int(r.split(",")[0]) for r in lines if r.split(",")[0].isdigit()], default=0)
-
-
 def _sigkill_and_resume(cfg: TrainConfig, tmp_path: Path, kills: int, rnd: random.Random) -> Path:
     """Run ``cfg`` through the CLI in subprocesses, SIGKILL it ``kills`` times at random
     moments, and resume it to the end; return the run folder."""
@@ -202,13 +195,13 @@ def _sigkill_and_resume(cfg: TrainConfig, tmp_path: Path, kills: int, rnd: rando
         proc = subprocess.Popen(first if done == 0 else cmd + ["--resume"], env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         t_end = time.time() + 120
-        while _last_step(run) < target and proc.poll() is None and time.time() < t_end:
+        while last_logged_step(run) < target and proc.poll() is None and time.time() < t_end:
             time.sleep(0.01)
         time.sleep(rnd.uniform(0.0, 0.4))  # anywhere in the step: forward, update, writes
         proc.kill()
         err = proc.communicate()[1].decode()
         assert proc.returncode == -9, f"run ended before the kill (rc {proc.returncode}): {err}"
-        done = _last_step(run)
+        done = last_logged_step(run)
     res = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return run

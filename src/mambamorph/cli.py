@@ -3,17 +3,22 @@
 This is the only module that turns errors into exit codes: user mistakes
 (:class:`mambamorph.errors.MambaMorphError`) print one line on stderr and exit 2; Ctrl-C exits
 130 after the library saved what it had.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this; only rank 0 prints results and
+warnings. Another rank prints its own errors with its rank ("rank 1: ...") and nothing for an
+error it merely received from rank 0 (:class:`~mambamorph.errors.PeerError`) or for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from mambamorph import __version__
-from mambamorph.errors import InputError, MambaMorphError, OutputExistsError
+from mambamorph.errors import InputError, MambaMorphError, OutputExistsError, PeerError
 
 
 def _grid(text: str) -> list[int]:
@@ -40,6 +45,16 @@ def _io_default(name: str):
     from mambamorph.optimize.instance import IOConfig
 
     return getattr(IOConfig(), name)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 in a plain run; a malformed value counts as 0
+    here and is reported by :func:`mambamorph.distributed.launch_from_env`)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+            else 0
+    except ValueError:
+        return 0
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -85,6 +100,7 @@ def cmd_train(a) -> int:
             raise InputError(f"{run_dir}: nothing to resume (no config.yaml)")
     overrides = {
         "recipe": a.recipe, "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
+        "batch_size": a.batch_size,
         "loss": a.loss, "image_weight": a.image_weight, "image_scales": a.image_scales, "max_compressed": a.max_compressed,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
@@ -103,6 +119,8 @@ def cmd_train(a) -> int:
                                                                  "threads")}
     cfg = load_train_config(cfg_path, overrides)
     res = train(cfg, run_dir, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    if _rank():
+        return 0
     print(f"trained {cfg.model}: {res.steps} steps ({res.epochs_done:.2f} epochs) in "
           f"{res.seconds / 60:.1f} min; best validation score {res.best_score:.2f}"
           f"{' (stopped by the time budget)' if res.stopped_early else ''}")
@@ -117,13 +135,14 @@ def cmd_evaluate(a) -> int:
                              moving=a.moving, fixed=a.fixed, grid=a.grid, n_pairs=a.pairs,
                              seed=a.seed, out_dir=a.out, device=a.device,
                              identity=not a.no_identity, ants=a.ants, overwrite=a.overwrite,
-                             progress=not a.quiet, io=a.io, specs=a.methods or ())
+                             progress=not a.quiet, io=a.io, specs=a.methods or (),
+                             precision=a.precision)
     print(summary)
     return 0
 
 
 def register_options(a) -> dict:
-    """``register_files`` keywords (``model``, ``affine``, ``io``, ``io_config``) for parsed
+    """``register_files`` keywords (``model``, ``affine``, ``io``, ``io_config``, ``precision``) for parsed
     ``register`` arguments; the one mapping from flags to settings (also used by
     ``bench/register_pairs.py``).
 
@@ -149,16 +168,48 @@ def register_options(a) -> dict:
         cfg = replace(cfg, lam=a.io_weight)
     return {"model": None if a.no_model else (a.model or DEFAULT_MODEL),
             "affine": "none" if a.no_affine else (a.align or _ALIGN_DEFAULT),
-            "io": not a.no_io, "io_config": cfg}
+            "io": not a.no_io, "io_config": cfg, "precision": a.precision}
 
 
 def cmd_register(a) -> int:
+    if a.pairs is not None:
+        if a.moving is not None or a.fixed is not None:
+            raise InputError("--pairs takes the pairs from its CSV: give either MOVING FIXED or "
+                             "--pairs CSV, not both")
+        if a.moving_seg is not None:
+            raise InputError("--moving-seg is for one pair; with --pairs give the label maps in "
+                             "a moving_seg column of the CSV")
+        return _register_pairs(a)
+    if a.moving is None or a.fixed is None:
+        raise InputError("give MOVING and FIXED (or --pairs CSV for many pairs)")
     from mambamorph.register import register_files
 
     res = register_files(a.moving, a.fixed, out=a.out, moving_seg=a.moving_seg,
                          device=a.device, overwrite=a.overwrite, **register_options(a))
     print(res)
     return 0
+
+
+def _register_pairs(a) -> int:
+    """``register --pairs``: every pair with one network load; exit 1 when a pair failed."""
+    from tqdm import tqdm
+
+    from mambamorph.register import Registrar
+    from mambamorph.register_batch import read_pairs, register_pairs
+
+    def report(row) -> None:
+        if row.status == "failed":
+            hint = (" (--overwrite replaces it)" if isinstance(row.exception, OutputExistsError)
+                    else "")
+            tqdm.write(f"mambamorph register: pair {row.id} failed: {row.error}{hint}",
+                       file=sys.stderr)
+
+    pairs = read_pairs(a.pairs)  # a bad CSV stops before the network is loaded
+    registrar = Registrar(device=a.device, **register_options(a))
+    res = register_pairs(pairs, a.out, registrar, overwrite=a.overwrite,
+                         progress=not a.quiet, on_pair=report)
+    print(res)
+    return 1 if res.failed else 0
 
 
 def cmd_bench(a) -> int:
@@ -186,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def quiet(sp):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def precision_flag(sp):
+        sp.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="the network's inference precision: auto (default: bfloat16 on a "
+                        "CPU that computes it natively, AVX512-BF16/AMX, else float32), fp32, "
+                        "bf16 (docs/results.md measures speed and Dice of each)")
 
     d = sub.add_parser("data", help="build or inspect datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -216,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grid", type=_grid, help="crop/pad volumes to this grid")
     t.add_argument("--lr", type=float)
     t.add_argument("--epochs", type=int)
-    t.add_argument("--steps", type=int, help="pairs per epoch (default: training subjects)")
+    t.add_argument("--steps", type=int,
+                   help="steps (optimizer updates) per epoch (default: training subjects)")
+    t.add_argument("--batch-size", type=int,
+                   help="pairs per step and per process (default 1); the loss is their mean. "
+                   "Under torchrun with N processes a step sees N x this many pairs")
     t.add_argument("--loss", help="data terms joined by '+': image (MIND-SSD across modalities, "
                    "LNCC within one), mind, lncc, mi, dice (label Dice); e.g. image+dice, or "
                    "image alone for data without label maps")
@@ -278,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint path, or PATH+io")
     e.add_argument("--ants", action="store_true",
                    help="add ANTs SyN (same as --methods ants-syn; needs mambamorph[ants])")
+    precision_flag(e)
     e.add_argument("--out", required=True, help="folder for tables and figures")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an earlier evaluation's files in --out")
@@ -292,9 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "grid): warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
                     "displacement_itk.nii.gz (the whole transform as an ITK/ANTs displacement "
                     "field), affine_itk.tfm (the affine stage), jacobian.nii.gz, qc.png, "
-                    "register.json.")
-    r.add_argument("moving", help="moving image (.nii or .nii.gz)")
-    r.add_argument("fixed", help="fixed image; every output is on its grid")
+                    "register.json. With --pairs CSV instead of MOVING FIXED: many pairs, one "
+                    "folder each (OUT/ID/) and OUT/summary.csv.")
+    r.add_argument("moving", nargs="?", help="moving image (.nii or .nii.gz); not with --pairs")
+    r.add_argument("fixed", nargs="?", help="fixed image; every output is on its grid")
+    r.add_argument("--pairs", metavar="CSV", default=None,
+                   help="many pairs instead of MOVING FIXED: a CSV with columns moving, fixed "
+                        "(optional moving_seg, id; paths relative to the CSV's folder or "
+                        "absolute); the network is loaded once, each pair goes to OUT/ID/, "
+                        "OUT/summary.csv lists every pair; a rerun skips finished pairs; exit "
+                        "code 1 when a pair failed")
     r.add_argument("--model", default=None,
                    help="trained checkpoint (.safetensors/.json from `mambamorph train`); "
                         "default: the mambamorph weights shipped in the package (phantom, "
@@ -313,11 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--io-weight", type=float, default=None, metavar="LAMBDA",
                    help="instance optimisation: weight of the diffusion regulariser (default "
                         f"{_io_default('lam')}; larger = smoother field)")
+    precision_flag(r)
     r.add_argument("--moving-seg", help="label map of the moving image, warped with nearest")
     r.add_argument("--out", required=True, help="output folder (created if missing)")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace outputs of an earlier run in --out")
+                   help="replace outputs of an earlier run in --out (with --pairs: recompute "
+                        "finished pairs too)")
+    quiet(r)
     r.set_defaults(func=cmd_register)
 
     b = sub.add_parser("bench", help="time and memory of every model and of the scan paths")
@@ -345,19 +417,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    rank = _rank()
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=logging.ERROR if rank else level,
                         format="%(levelname)s %(name)s: %(message)s")
+    where = f"rank {rank}: " if rank else ""
     try:
         return args.func(args)
+    except PeerError as e:  # rank 0 reports it
+        if not rank:
+            print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except OutputExistsError as e:
-        print(f"mambamorph {args.command}: error: {e} (--overwrite replaces it)", file=sys.stderr)
+        print(f"mambamorph {args.command}: error: {where}{e} (--overwrite replaces it)",
+              file=sys.stderr)
         return 2
     except MambaMorphError as e:
-        print(f"mambamorph {args.command}: error: {e}", file=sys.stderr)
+        print(f"mambamorph {args.command}: error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mambamorph {args.command}: interrupted (training saved its last checkpoint)",
-              file=sys.stderr)
+        if not rank:
+            saved = ("summary.csv lists every finished pair; the same command resumes"
+                     if getattr(args, "pairs", None) and args.command == "register" else
+                     "training saved its last checkpoint")
+            print(f"mambamorph {args.command}: interrupted ({saved})", file=sys.stderr)
         return 130
 
 

@@ -53,7 +53,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The paper's recipe by default (SPEC.md section 4); every field can be overridden.
+    """Training settings; the defaults are the ``default`` recipe (see docs/weights.md):
+    MIND-SSD image similarity + label Dice at label scales 1, 2, 4, smoothness 1.0 on the
+    velocity, Adam 1e-4, and no checkpoint kept as best whose validation fields compress more
+    than 0.5 % of the brain below J = 0.2. ``recipe="paper"`` (through
+    :func:`load_train_config`) gives the paper's (SPEC.md section 4). Every field can be
+    overridden.
 
     Attributes:
         recipe: the named recipe whose values :func:`load_train_config` starts from
@@ -63,8 +68,12 @@ class TrainConfig:
         model_args: overrides passed to ``build_model`` (e.g. ``{"residual": True}``).
         lr: Adam learning rate (paper: 1e-4).
         epochs: number of epochs (paper: 100).
-        steps_per_epoch: random pairs per epoch; ``None`` = number of training subjects (150 on
-            SR-Reg, as the paper).
+        steps_per_epoch: steps (optimizer updates, each on ``batch_size`` random pairs) per
+            epoch; ``None`` = number of training subjects (150 on SR-Reg, as the paper).
+        batch_size: pairs per step and per process; the loss is the mean of the pairs' losses
+            (their gradients are averaged). Under ``torchrun`` with N processes a step sees
+            N x batch_size pairs (DDP averages the gradients over the processes too), so the
+            effective batch is N x batch_size; the learning rate is not scaled.
         loss: the training loss's data terms, joined by ``+`` (see
             :func:`mambamorph.losses.parse_loss`): ``image`` (MIND-SSD across modalities,
             LNCC within one), ``mind``, ``lncc``, ``mi`` and ``dice`` (label Dice); e.g.
@@ -107,18 +116,19 @@ class TrainConfig:
     lr: float = 1e-4
     epochs: int = 100
     steps_per_epoch: int | None = None
-    loss: str = "dice"
+    batch_size: int = 1
+    loss: str = "image+dice"
     image_weight: float = 1.0
     image_scales: list[int] = field(default_factory=lambda: [1])
     dice_weight: float = 1.0
-    dice_scales: list[int] = field(default_factory=lambda: [1])
-    smooth_weight: float = 0.2
+    dice_scales: list[int] = field(default_factory=lambda: [1, 2, 4])
+    smooth_weight: float = 1.0
     synthetic: float = 0.0
     synthetic_voxels: float = 5.0
     flow_weight: float = 1.0
     crop: list[int] | None = None
     val_pairs: int = 10
-    max_compressed: float = 100.0
+    max_compressed: float = 0.5
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -148,6 +158,7 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lr": (lambda v: v > 0, "a positive number"),
     "epochs": (lambda v: v >= 1, "an integer >= 1"),
     "steps_per_epoch": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "log_every": (lambda v: v >= 1, "an integer >= 1"),
     "threads": (lambda v: v >= 1, "an integer >= 1"),
     "val_pairs": (lambda v: v >= 0, "an integer >= 0"),

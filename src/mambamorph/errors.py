@@ -27,3 +27,9 @@ class WriteError(MambaMorphError, OSError):
     The message names the file and the operating system's reason; whatever was complete before
     the failed write (an earlier checkpoint, other outputs) is left as it was.
     """
+
+
+class PeerError(MambaMorphError):
+    """Another process of a distributed run failed (rank 0's error, passed on to the others so
+    that every process stops at the same point); that process reports the error itself, so the
+    CLI of the other processes prints nothing more."""

@@ -41,6 +41,7 @@ __all__ = [
     "jacobian_determinant",
     "folding_percent",
     "sdlogj",
+    "sdlogj_of_determinant",
     "compressed_percent",
 ]
 
@@ -308,7 +309,22 @@ def sdlogj(flow, crop: int = 0) -> float | np.ndarray:
     Raises:
         ValueError: see :func:`jacobian_determinant`; ``crop`` negative or leaving no voxel.
     """
-    det = jacobian_determinant(flow)
+    return sdlogj_of_determinant(jacobian_determinant(flow), crop)
+
+
+def sdlogj_of_determinant(det, crop: int = 0) -> float | np.ndarray:
+    """:func:`sdlogj` from a Jacobian determinant already computed
+    (:func:`jacobian_determinant`), so a caller that has it does not compute it twice.
+
+    Args:
+        det: ``(D0, D1, D2)`` or ``(B, D0, D1, D2)`` determinant (numpy).
+        crop: voxels left out on every face of the volume (>= 0).
+    Returns:
+        A float for an unbatched determinant, a ``(B,)`` float64 array for a batch.
+    Raises:
+        ValueError: ``crop`` negative or leaving no voxel.
+    """
+    det = np.asarray(det)
     crop = int(crop)
     if crop < 0 or any(n <= 2 * crop for n in det.shape[-3:]):
         raise ValueError(f"expected 0 <= crop < half of every size {det.shape[-3:]}, got {crop}")

@@ -65,10 +65,11 @@ from mambamorph.models import predict
 from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
 from mambamorph.io import Volume, atomic_write_bytes, read_labels, read_volume, write_itk_affine
+from mambamorph.metrics import sdlogj_of_determinant
 from mambamorph.optimize.affine import align_affine
 from mambamorph.optimize.instance import IOConfig, instance_optimise
 from mambamorph.register_products import WORKERS, stage, write_products
-from mambamorph.runtime import Timer, resolve_device
+from mambamorph.runtime import Timer, resolve_device, resolve_precision
 from mambamorph.space import (DEFAULT_GRID, DEFAULT_SPACING, ModelSpace, displacement_to_fixed,
                               model_space, model_space_from_meta, warn_outside, warp_to_fixed)
 from mambamorph.data.preprocess import foreground_centre
@@ -84,6 +85,7 @@ __all__ = [
     "foreground_centre",
     "displacement_to_fixed",
     "warp_to_fixed",
+    "Registrar",
     "register_files",
     "DEFAULT_MODEL",
 ]
@@ -122,6 +124,8 @@ class RegistrationResult:
         seconds_total: wall time of the whole call (reading to writing), s.
         seconds_predict: time of the network's forward pass (device-synchronised), s.
         folding_percent: % of model-grid voxels with a Jacobian determinant <= 0.
+        sdlogj: standard deviation of the log Jacobian determinant over the model grid (every
+            voxel; :func:`mambamorph.metrics.sdlogj` of the deformable field).
         jacobian_range: ``(min, max)`` determinant over the model grid.
         max_displacement_mm: largest displacement length on the fixed grid, mm.
         seconds_stages: wall time of each stage, s (the stages after the network run side by
@@ -143,6 +147,7 @@ class RegistrationResult:
     seconds_total: float = float("nan")
     seconds_predict: float = float("nan")
     folding_percent: float = float("nan")
+    sdlogj: float = float("nan")
     jacobian_range: tuple[float, float] = (float("nan"), float("nan"))
     max_displacement_mm: float = float("nan")
     seconds_stages: dict[str, float] = field(default_factory=dict)
@@ -217,20 +222,171 @@ def _outputs(out_dir: Path, with_seg: bool, overwrite: bool,
     return names
 
 
+class Registrar:
+    """The settings of ``mambamorph register`` and its network, loaded once for many pairs.
+
+    :func:`register_files` is ``Registrar(...).register(...)`` for one pair; ``mambamorph
+    register --pairs`` (:mod:`mambamorph.register_batch`) keeps one :class:`Registrar` for every
+    pair, so the checkpoint is read once. The settings are checked on construction (before any
+    file is read); the network is loaded by :meth:`load` or, if that was not called, by the first
+    :meth:`register` on a worker thread while that pair's images are read.
+
+    Args:
+        model: a checkpoint (the stem or either file of a ``.safetensors`` + ``.json`` pair);
+            default the ``mambamorph`` weights shipped in the package (trained on the phantom,
+            MR -> CT, 2 mm); ``None``: no network (training-free: instance optimisation from the
+            identity on the default 2 mm, 96x112x96 model grid).
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        affine: the pre-alignment: ``True`` / ``"affine"`` (default: rigid then affine),
+            ``"rigid"`` (rigid only), ``False`` / ``"none"`` (off).
+        io: refine the field by instance optimisation (default on).
+        io_config: settings of the instance optimisation (default :class:`IOConfig()`, chosen on
+            the phantom's validation pairs: docs/io-tuning.md).
+        precision: the network's inference precision: ``fp32``, ``bf16`` or ``auto``
+            (:func:`mambamorph.runtime.resolve_precision`).
+    Raises:
+        InputError: a bad ``affine`` value or precision; no stage to run (no model, no IO and no affine); an
+            unavailable device; a model name or missing checkpoint.
+
+    Attributes:
+        checkpoint: the checkpoint path (None: training-free); device: the resolved device;
+        align: ``"affine"``, ``"rigid"`` or ``"none"``; io, io_config: as given;
+        loads: how many times the network was loaded (0 or 1).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = DEFAULT_MODEL,
+                 device: str | torch.device = "cpu", affine: bool | str = True,
+                 io: bool = True, io_config: IOConfig | None = None,
+                 precision: str | None = "fp32") -> None:
+        align = {True: "affine", False: "none"}.get(affine, affine)
+        if align not in ("affine", "rigid", "none"):
+            raise InputError(f"affine pre-alignment: expected 'affine', 'rigid' or 'none', got "
+                             f"{affine!r}")
+        if model is None and not io and align == "none":
+            raise InputError("nothing to register: no network, no instance optimisation and no "
+                             "affine stage")
+        self.align, self.io, self.io_config = align, io, io_config
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.checkpoint = _check_checkpoint_arg(model) if model is not None else None
+        self.loads = 0
+        self._network: tuple[torch.nn.Module, dict] | None = None
+
+    def load(self) -> "Registrar":
+        """Load the network now (once; nothing without a checkpoint) and return ``self``.
+
+        Raises:
+            InputError: a corrupt checkpoint or one the device cannot run.
+        """
+        if self.checkpoint is not None and self._network is None:
+            self._network = _load_network(self.checkpoint, self.device)
+            self.loads += 1
+        return self
+
+    def register(self, moving: str | os.PathLike, fixed: str | os.PathLike,
+                 out: str | os.PathLike = "mambamorph-register",
+                 moving_seg: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed`` with these settings and write the results.
+
+        See :func:`register_files` for the arguments, outputs and errors (the settings'
+        errors are raised by the constructor instead).
+        """
+        t_start = time.perf_counter()
+        stages: dict[str, float] = {}
+        notes: list[str] = []
+        out_dir = Path(out)
+        align, io, io_config, dev, ckpt = (self.align, self.io, self.io_config, self.device,
+                                           self.checkpoint)
+        paths = _outputs(out_dir, moving_seg is not None, overwrite, with_affine=align != "none")
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            # the model (and the numba kernels it runs) loads on a worker thread while the
+            # inputs are read here: gzip, nibabel and safetensors release the GIL for most of
+            # their time
+            with stage(stages, "read inputs + load model"):
+                j_net = (pool.submit(self.load) if ckpt is not None and self._network is None
+                         else None)
+                fix = read_volume(fixed)
+                mov = read_volume(moving)
+                seg = (read_labels(moving_seg, check_table=False) if moving_seg is not None
+                       else None)
+                if j_net is not None:
+                    j_net.result()
+                net, info = self._network if self._network is not None else (None, {})
+            if seg is not None and (seg.shape != mov.shape or
+                                    not np.allclose(seg.affine, mov.affine, atol=1e-3)):
+                log.warning("%s: grid differs from the moving image's %s; it is sampled through "
+                            "its own affine", seg.path, mov.path)
+            aff = None
+            if align != "none":
+                with stage(stages, "affine"):
+                    aff = align_affine(mov, fix, affine=align == "affine")
+                notes += aff.warnings
+            with stage(stages, "model space + resample to it"):
+                space, defaulted, mov_t, fix_t = _to_model_space(pool, net, info, ckpt, mov, fix,
+                                                                 aff, dev)
+            velocity = None
+            u_t = torch.zeros((1, 3, *space.shape), device=dev)
+            if net is not None:
+                with torch.no_grad(), Timer(dev) as timer:
+                    pred = predict(net, mov_t, fix_t, precision=self.precision)
+                stages["network"] = timer.seconds
+                u_t, velocity = pred.flow.float(), pred.velocity
+                if not torch.isfinite(u_t).all():
+                    raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
+            if io:
+                with stage(stages, "instance optimisation"):
+                    res_io = instance_optimise(mov_t, fix_t, init_velocity=velocity,
+                                               init_flow=u_t if net is not None else None,
+                                               cfg=io_config)
+                if res_io.stopped_early:
+                    notes.append("instance optimisation stopped early on a non-finite loss; its "
+                                 "last finite state is used")
+                u_t = res_io.flow
+            u = u_t.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
+            with stage(stages, "products (wall)"):
+                written, det_model, fold, disp = write_products(
+                    pool, stages, u, space, fix, mov, seg, paths, overwrite,
+                    _method_name(info, io, aff), affine=aff.matrix if aff is not None else None)
+        if aff is not None:
+            written["affine"] = write_itk_affine(paths["affine"], aff.matrix, overwrite=overwrite)
+        for note in notes:
+            log.warning("%s -> %s: %s", mov.path.name, fix.path.name, note)
+        result = RegistrationResult(
+            out_dir=out_dir, files=written, checkpoint=ckpt,
+            model=str(info["model"]) if net is not None else "none", device=str(dev),
+            space=space, defaulted=defaulted, seconds_predict=stages.get("network", 0.0),
+            folding_percent=fold, sdlogj=sdlogj_of_determinant(det_model),
+            jacobian_range=(float(det_model.min()), float(det_model.max())),
+            max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()),
+            seconds_stages=stages, affine=None if aff is None else aff.matrix.tolist(),
+            instance_optimisation=io, warnings=notes)
+        written["record"] = paths["record"]  # listed in the record itself
+        result.seconds_total = time.perf_counter() - t_start
+        record = _record(result, mov, fix, seg, io_config or IOConfig() if io else None,
+                         self.precision if net is not None else None)
+        atomic_write_bytes(paths["record"], (json.dumps(record, indent=2) + "\n").encode(),
+                           overwrite=overwrite)
+        log.info("%s", result)
+        return result
+
+
 def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
                    model: str | os.PathLike | None = DEFAULT_MODEL,
                    out: str | os.PathLike = "mambamorph-register",
                    moving_seg: str | os.PathLike | None = None,
                    device: str | torch.device = "cpu", overwrite: bool = False,
                    affine: bool | str = True, io: bool = True,
-                   io_config: IOConfig | None = None) -> RegistrationResult:
+                   io_config: IOConfig | None = None,
+                   precision: str | None = "fp32") -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and write the results.
 
     Stages (module docstring): affine pre-alignment in world space (``affine``), the network's
     prediction on the model grid (``model``), instance optimisation of that prediction on MIND-SSD
     (``io``); the outputs hold the whole transform. Nothing is written until every input has been
     read and checked and the registration is done; existing outputs are refused before anything
-    is read.
+    is read. (One pair; for many, keep one :class:`Registrar`, which loads the network once.)
 
     Args:
         moving: moving image (``.nii`` / ``.nii.gz``, any orientation, spacing and shape).
@@ -249,6 +405,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
         io: refine the field by instance optimisation (default on).
         io_config: settings of the instance optimisation (default :class:`IOConfig()`, chosen on
             the phantom's validation pairs: docs/io-tuning.md).
+        precision: the network's inference precision: ``fp32``, ``bf16`` or ``auto`` (see
+            :func:`mambamorph.models.predict`; recorded in register.json).
     Returns:
         A :class:`RegistrationResult` (``str()`` gives a readable summary).
     Raises:
@@ -257,85 +415,8 @@ def register_files(moving: str | os.PathLike, fixed: str | os.PathLike,
             checkpoint; malformed meta spacing/grid, or a grid the model cannot run on; an
             unavailable device; no stage to run (no model, no IO and no affine).
     """
-    t_start = time.perf_counter()
-    stages: dict[str, float] = {}
-    notes: list[str] = []
-    out_dir = Path(out)
-    align = {True: "affine", False: "none"}.get(affine, affine)
-    if align not in ("affine", "rigid", "none"):
-        raise InputError(f"affine pre-alignment: expected 'affine', 'rigid' or 'none', got "
-                         f"{affine!r}")
-    if model is None and not io and align == "none":
-        raise InputError("nothing to register: no network, no instance optimisation and no "
-                         "affine stage")
-    paths = _outputs(out_dir, moving_seg is not None, overwrite, with_affine=align != "none")
-    dev = resolve_device(device)
-    ckpt = _check_checkpoint_arg(model) if model is not None else None
-
-    with ThreadPoolExecutor(WORKERS) as pool:
-        # the model (and the numba kernels it runs) loads on a worker thread while the inputs
-        # are read here: gzip, nibabel and safetensors release the GIL for most of their time
-        with stage(stages, "read inputs + load model"):
-            j_net = pool.submit(_load_network, ckpt, dev) if ckpt is not None else None
-            fix = read_volume(fixed)
-            mov = read_volume(moving)
-            seg = read_labels(moving_seg, check_table=False) if moving_seg is not None else None
-            net, info = j_net.result() if j_net is not None else (None, {})
-        if seg is not None and (seg.shape != mov.shape or
-                                not np.allclose(seg.affine, mov.affine, atol=1e-3)):
-            log.warning("%s: grid differs from the moving image's %s; it is sampled through "
-                        "its own affine", seg.path, mov.path)
-        aff = None
-        if align != "none":
-            with stage(stages, "affine"):
-                aff = align_affine(mov, fix, affine=align == "affine")
-            notes += aff.warnings
-        with stage(stages, "model space + resample to it"):
-            space, defaulted, mov_t, fix_t = _to_model_space(pool, net, info, ckpt, mov, fix,
-                                                             aff, dev)
-        velocity = None
-        u_t = torch.zeros((1, 3, *space.shape), device=dev)
-        if net is not None:
-            with torch.no_grad(), Timer(dev) as timer:
-                pred = predict(net, mov_t, fix_t)
-            stages["network"] = timer.seconds
-            u_t, velocity = pred.flow.float(), pred.velocity
-            if not torch.isfinite(u_t).all():
-                raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
-        if io:
-            with stage(stages, "instance optimisation"):
-                res_io = instance_optimise(mov_t, fix_t, init_velocity=velocity,
-                                           init_flow=u_t if net is not None else None,
-                                           cfg=io_config)
-            if res_io.stopped_early:
-                notes.append("instance optimisation stopped early on a non-finite loss; its "
-                             "last finite state is used")
-            u_t = res_io.flow
-        u = u_t.detach().float().cpu()[0].numpy()  # (3, G0, G1, G2) model voxels
-        with stage(stages, "products (wall)"):
-            written, det_model, fold, disp = write_products(
-                pool, stages, u, space, fix, mov, seg, paths, overwrite,
-                _method_name(info, io, aff), affine=aff.matrix if aff is not None else None)
-    if aff is not None:
-        written["affine"] = write_itk_affine(paths["affine"], aff.matrix, overwrite=overwrite)
-    for note in notes:
-        log.warning("%s -> %s: %s", mov.path.name, fix.path.name, note)
-    result = RegistrationResult(
-        out_dir=out_dir, files=written, checkpoint=ckpt,
-        model=str(info["model"]) if net is not None else "none", device=str(dev), space=space,
-        defaulted=defaulted, seconds_predict=stages.get("network", 0.0),
-        folding_percent=fold,
-        jacobian_range=(float(det_model.min()), float(det_model.max())),
-        max_displacement_mm=float(np.sqrt((disp.astype(np.float64) ** 2).sum(-1)).max()),
-        seconds_stages=stages, affine=None if aff is None else aff.matrix.tolist(),
-        instance_optimisation=io, warnings=notes)
-    written["record"] = paths["record"]  # listed in the record itself
-    result.seconds_total = time.perf_counter() - t_start
-    record = _record(result, mov, fix, seg, io_config or IOConfig() if io else None)
-    atomic_write_bytes(paths["record"], (json.dumps(record, indent=2) + "\n").encode(),
-                       overwrite=overwrite)
-    log.info("%s", result)
-    return result
+    return Registrar(model, device, affine, io, io_config, precision).register(
+        moving, fixed, out, moving_seg=moving_seg, overwrite=overwrite)
 
 
 def _to_model_space(pool, net, info: dict, ckpt: Path | None, mov: Volume, fix: Volume,
@@ -397,7 +478,7 @@ def _load_network(ckpt: Path, dev: torch.device) -> tuple[torch.nn.Module, dict]
 
 
 def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | None,
-            io_config: IOConfig | None) -> dict:
+            io_config: IOConfig | None, precision: str | None = None) -> dict:
     def path(v):
         return str(Path(v.path).resolve()) if v is not None else None
 
@@ -405,7 +486,7 @@ def _record(res: RegistrationResult, mov: Volume, fix: Volume, seg: Volume | Non
         "mambamorph_version": __version__,
         "moving": path(mov), "fixed": path(fix), "moving_seg": path(seg),
         "checkpoint": str(res.checkpoint.resolve()) if res.checkpoint else None,
-        "model": res.model, "device": res.device,
+        "model": res.model, "device": res.device, "network_precision": precision,
         "model_space": {"grid": list(res.space.shape), "spacing_mm": list(res.space.spacing),
                         "affine": np.round(res.space.affine, 6).tolist(),
                         "defaulted": res.defaulted},

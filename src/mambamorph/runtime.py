@@ -23,7 +23,45 @@ import torch
 from mambamorph.errors import InputError
 
 __all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory",
-           "peak_memory", "warmup_crop", "GB"]
+           "peak_memory", "warmup_crop", "GB", "PRECISIONS", "cpu_has_native_bf16",
+           "resolve_precision"]
+
+#: inference precisions: ``auto`` (bf16 on a CPU with native bfloat16, else fp32), ``fp32``,
+#: ``bf16`` (bfloat16 autocast)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), so oneDNN's bfloat16
+    convolutions are faster than float32 ones; False otherwise or when torch cannot tell."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+              getattr(torch.cpu, "_is_amx_tile_supported", None))
+    for probe in probes:
+        try:
+            if probe is not None and probe():
+                return True
+        except RuntimeError:  # pragma: no cover - a build without the probe
+            continue
+    return False
+
+
+def resolve_precision(precision: str | None, device: torch.device | str) -> str:
+    """The inference precision to use on ``device``: ``fp32`` or ``bf16``.
+
+    ``auto`` (or ``None``) is ``bf16`` on a CPU with native bfloat16 (:func:`cpu_has_native_bf16`;
+    its effect on accuracy is measured in docs/results.md) and ``fp32`` elsewhere (a GPU is fast
+    enough in float32, and an older CPU would emulate bfloat16 slowly).
+
+    Raises:
+        InputError: an unknown precision.
+    """
+    p = "auto" if precision is None else str(precision).lower()
+    if p not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if p == "auto":
+        return "bf16" if _device(device).type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return p
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -26,7 +26,11 @@ Every write is atomic or fails with a :class:`~mambamorph.errors.WriteError` nam
 (full disk, vanished folder), leaving the last complete state in place. ``resume=True``
 continues from the last saved state exactly (same pairs, same losses as an uninterrupted run
 on the same device and CPU threads), also after a kill at any moment; Ctrl-C and the time
-budget save that state first.
+budget save that state first (SIGTERM too).
+
+Under ``torchrun`` (see :mod:`mambamorph.distributed`) every process trains on its own pairs
+of each step and DDP averages the gradients; rank 0 alone logs, validates and writes the run
+folder, which holds the plain model's weights as in a one-process run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import math
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from mambamorph import checkpoint as ckpt
-from mambamorph import labels
+from mambamorph import distributed, labels
 from mambamorph.config import TrainConfig, dump_yaml
 from mambamorph.data.augment import random_crop, synthetic_pair
 from mambamorph.data.datasets import open_dataset, test_pairs
@@ -57,7 +62,6 @@ from mambamorph.losses import LossSpec, grad_l2, image_term, multiscale_image_lo
 from mambamorph.metrics import compressed_percent, dice_per_roi, sdlogj
 from mambamorph.models import build_model
 from mambamorph.nn.spatial import warp
-from mambamorph.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +245,28 @@ def pair_loss(model, batch: dict, cfg: TrainConfig, spec: LossSpec, device: torc
     return loss, terms
 
 
+def batch_step(net, batches: list[dict], cfg: TrainConfig, spec: LossSpec,
+               device: torch.device, amp: bool, dist: distributed.Session
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward each pair of ``batches`` (see :func:`pair_loss`) through
+    ``net``, accumulating the gradient of the mean of their losses (one pair's graph at a time);
+    in a distributed run the gradients are averaged over the processes during the last
+    ``backward``. Returns the mean ``(loss, terms)`` of the pairs, detached when there are
+    several (a single pair's are :func:`pair_loss`'s own)."""
+    n = len(batches)
+    loss_sum, term_sums = None, {}
+    for i, batch in enumerate(batches):
+        with dist.no_sync(net, sync=i == n - 1):
+            loss, terms = pair_loss(net, batch, cfg, spec, device, amp)
+            (loss if n == 1 else loss / n).backward()
+        if n == 1:
+            return loss, terms
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        for k, v in terms.items():
+            term_sums[k] = v.detach() if k not in term_sums else term_sums[k] + v.detach()
+    return loss_sum / n, {k: v / n for k, v in term_sums.items()}
+
+
 @torch.no_grad()
 def validate(model, dataset, pairs, device: torch.device, image: str | None = "mind") -> dict:
     """Score the model on fixed validation ``pairs``; returns a dict of means over the pairs:
@@ -301,26 +327,31 @@ def rng_state(np_rng: np.random.Generator, device: torch.device) -> dict:
 
 
 def save_checkpoint(cdir: Path, model, optimizer, rng: dict, step: int, best: float,
-                    last_val: float, meta: dict, device: torch.device) -> None:
+                    last_val: float, meta: dict, device: torch.device,
+                    processes: int = 1) -> None:
     """Write the resume state (one commit, see :func:`mambamorph.checkpoint.save_train_state`),
-    then the ``last`` weights. ``rng`` is :func:`rng_state` as it stands after ``step`` steps."""
+    then the ``last`` weights. ``rng`` is :func:`rng_state` as it stands after ``step`` steps;
+    ``processes`` the number of training processes (``WORLD_SIZE``)."""
     ckpt.save_train_state(cdir / "last_state", model, optimizer, {
         "step": step, "best_val_dice": best, "last_val_dice": last_val,
-        "device": str(device), "threads": torch.get_num_threads(), **rng})
+        "device": str(device), "threads": torch.get_num_threads(), "processes": processes,
+        **rng})
     ckpt.save_model(cdir / "last", model, meta={"step": step, "val_dice": last_val, **meta})
 
 
 def load_checkpoint(cdir: Path, model, optimizer, np_rng: np.random.Generator,
-                    device: torch.device) -> tuple[int, float, float]:
+                    device: torch.device, processes: int = 1) -> tuple[int, float, float]:
     """Restore the state :func:`save_checkpoint` wrote; return ``(step, best, last_val)``.
 
-    Warns when the device or the CPU thread count differ from the saved run's: the run then
-    continues correctly, but no longer bitwise equal to an uninterrupted one.
+    Warns when the device, the CPU thread count or the number of processes differ from the
+    saved run's: the run then continues correctly, but no longer bitwise equal to an
+    uninterrupted one (another number of processes also draws other pairs from the stream).
     """
     state = ckpt.load_train_state(cdir / "last_state", model, optimizer)
     changed = [f"{what} {state[key]} -> {now}" for what, key, now in
                (("device", "device", str(device)), ("CPU threads", "threads",
-                                                    torch.get_num_threads()))
+                                                    torch.get_num_threads()),
+                ("processes", "processes", processes))
                if state.get(key) is not None and state[key] != now]
     if changed:
         log.warning("resuming with %s: training continues, but its losses will not be bitwise "
@@ -344,16 +375,27 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             run folder's ``config.yaml`` by the caller (values here must match it).
         overwrite: delete what an earlier run wrote in ``run_dir`` first (other files are kept).
         progress: show a tqdm bar (loss, last validation Dice).
-        on_epoch: callback receiving a dict of epoch statistics (for tests / CLI).
+        on_epoch: callback receiving a dict of epoch statistics (for tests / CLI); called on
+            rank 0 only in a distributed run.
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult` (the same on every process of a distributed run).
     Raises:
         InputError: bad run folder, data or settings.
         WriteError: an output could not be written (the last saved state stays resumable).
+        KeyboardInterrupt: Ctrl-C or SIGTERM, after saving the resume state
+            (:class:`mambamorph.distributed.Stop` on every process of a distributed run).
     """
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
-    _check_run_dir(run_dir, resume, overwrite)
+    with distributed.session(cfg.device) as dist:
+        return _train(dist, cfg, Path(run_dir), resume, overwrite, progress, on_epoch)
+
+
+def _train(dist: distributed.Session, cfg: TrainConfig, run_dir: Path, resume: bool,
+           overwrite: bool, progress: bool, on_epoch: Callable[[dict], None] | None
+           ) -> TrainResult:
+    """:func:`train` as one process of ``dist`` (every process runs this; rank 0 alone
+    touches the run folder, see :mod:`mambamorph.distributed`)."""
+    device = dist.device
+    dist.on_main(_check_run_dir, run_dir, resume, overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp = bool(cfg.amp) and device.type == "cuda"
@@ -386,7 +428,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     # only now, with data and model known to be usable, touch the run folder
-    _prepare_run_dir(run_dir, resume, overwrite)
+    dist.barrier()  # (every process has read what it needs from it, e.g. an --init checkpoint)
+    dist.on_main(_prepare_run_dir, run_dir, resume, overwrite)
     cdir = run_dir / "checkpoints"
     # what `register` needs to rebuild the model space: the data's voxel spacing and grid
     first = train_ds.load(train_ds.subjects[0], cfg.data.moving)
@@ -395,72 +438,93 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite
             "moving": cfg.data.moving, "fixed": cfg.data.fixed}
 
     step, best, last_val = 0, -math.inf, float("nan")
-    if resume:
-        step, best, last_val = load_checkpoint(cdir, model, optimizer, np_rng, device)
+    if resume:  # every process loads the same state
+        step, best, last_val = load_checkpoint(cdir, model, optimizer, np_rng, device,
+                                               dist.world_size)
     else:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg), overwrite=True)
+        dist.on_main(atomic_write_text, run_dir / "config.yaml", dump_yaml(cfg), overwrite=True)
     rng = rng_state(np_rng, device)  # always the RNG as it stands after `step` steps
+    net = dist.wrap(model)  # what trains; `model` (the same weights) is validated and saved
+
+    def end_epoch() -> tuple[float, float]:
+        """Rank 0, at the end of an epoch: validate, keep the best weights, save the resume
+        state; returns ``(best, last_val)``."""
+        nonlocal best, last_val
+        epoch = step / steps_per_epoch
+        if val_pairs:
+            val = validate(model, val_ds, val_pairs, device, spec.image)
+            last_val = val["dice"]
+            runlog.val_row(step, epoch, val, cfg.lr, time.time() - t0)
+            score = selection_score(val, cfg.max_compressed)
+            if score > best:
+                best = score
+                ckpt.save_model(cdir / "best", model, meta={
+                    "step": step, "val_dice": val["dice"], "val_sdlogj": val["sdlogj"],
+                    "val_compressed": val["compressed"], **meta})
+            log.info("epoch %.2f step %d val Dice %.2f SDlogJ %.3f J<0.2 %.2f %% "
+                     "(best score %.2f)", epoch, step, val["dice"], val["sdlogj"],
+                     val["compressed"], best)
+        save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta, device,
+                        dist.world_size)
+        if on_epoch:
+            on_epoch({"step": step, "epoch": epoch, "val_dice": last_val, "best": best})
+        return best, last_val
 
     t0 = time.time()
     deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else None
     # fine-tuning scores the starting weights first, so `best` is never worse than them
     end_of_epoch = bool(cfg.init and not resume and val_pairs)
     stopped_early = updating = False
-    with RunLog(run_dir, resume_step=step if resume else None) as runlog, \
+    # (the signal handlers go last, after the run log is closed)
+    with dist.stop_signals(), \
+            (RunLog(run_dir, resume_step=step if resume else None) if dist.is_main
+             else nullcontext()) as runlog, \
             tqdm(total=total_steps, initial=step, desc=f"train {cfg.model}", unit="step",
-                 dynamic_ncols=True, disable=not progress) as bar:
+                 dynamic_ncols=True, disable=not progress or not dist.is_main) as bar:
         try:
             while True:
                 if end_of_epoch:  # validate, keep the best weights, save the resume state
-                    epoch = step / steps_per_epoch
-                    if val_pairs:
-                        val = validate(model, val_ds, val_pairs, device, spec.image)
-                        last_val = val["dice"]
-                        runlog.val_row(step, epoch, val, cfg.lr, time.time() - t0)
-                        score = selection_score(val, cfg.max_compressed)
-                        if score > best:
-                            best = score
-                            ckpt.save_model(cdir / "best", model, meta={
-                                "step": step, "val_dice": val["dice"], "val_sdlogj":
-                                val["sdlogj"], "val_compressed": val["compressed"], **meta})
-                        log.info("epoch %.2f step %d val Dice %.2f SDlogJ %.3f J<0.2 %.2f %% "
-                                 "(best score %.2f)", epoch, step, val["dice"], val["sdlogj"],
-                                 val["compressed"], best)
-                    save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta,
-                                    device)
-                    if on_epoch:
-                        on_epoch({"step": step, "epoch": epoch, "val_dice": last_val,
-                                  "best": best})
+                    best, last_val = dist.on_main(end_epoch)
                 if step >= total_steps or stopped_early:
                     break
 
-                batch = training_pair(train_ds, np_rng, cfg, device)
-                loss, terms = pair_loss(model, batch, cfg, spec, device, amp)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                batches = dist.local_pairs(lambda: training_pair(train_ds, np_rng, cfg, device),
+                                           cfg.batch_size)
+                loss, terms = batch_step(net, batches, cfg, spec, device, amp, dist)
                 updating = True  # weights, step and rng change together
                 optimizer.step()
                 step, rng = step + 1, rng_state(np_rng, device)
                 updating = False
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); "
+                # the mean over the processes; every process stops after the same step
+                loss, terms, stop, late = dist.reduce_step(
+                    loss, terms, dist.stop_requested, bool(deadline and time.time() > deadline))
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"training diverged at step {step} (loss {loss}); "
                                        "lower the learning rate")
                 if step % cfg.log_every == 0 or step == total_steps:
-                    runlog.train_row(step, step / steps_per_epoch, loss.item(),
-                                     {k: v.item() for k, v in terms.items()}, cfg.lr,
-                                     time.time() - t0)
+                    dist.on_main(lambda: runlog.train_row(step, step / steps_per_epoch, loss,
+                                                          terms, cfg.lr, time.time() - t0))
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{last_val:.1f}")
-                if deadline and time.time() > deadline and step < total_steps:
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{last_val:.1f}")
+                if stop:
+                    log.warning("stopping after step %d: a process of the run received SIGINT "
+                                "or SIGTERM", step)
+                    raise distributed.Stop
+                if late and step < total_steps:
                     stopped_early = True
                     log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
                 end_of_epoch = step % steps_per_epoch == 0 or stopped_early
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if updating:  # the weights may be half-updated: keep the last saved state
                 log.warning("interrupted while updating the weights; the state saved last "
                             "is kept")
-            else:
-                save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta, device)
+            elif isinstance(e, distributed.Stop):  # every process is here, after one step
+                dist.on_main(save_checkpoint, cdir, model, optimizer, rng, step, best, last_val,
+                             meta, device, dist.world_size)
+            elif dist.is_main:
+                save_checkpoint(cdir, model, optimizer, rng, step, best, last_val, meta, device,
+                                dist.world_size)
             raise
     if val_pairs and best == -math.inf:
         log.warning("no checkpoint passed the plausibility gate (validation fields compress "

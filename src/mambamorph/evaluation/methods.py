@@ -152,9 +152,11 @@ def _checkpoint_label(path: Path) -> str:
     return stem.name
 
 
-def _network_runner(path: str, overrides: dict, device: torch.device):
+def _network_runner(path: str, overrides: dict, device: torch.device,
+                    precision: str = "fp32"):
     """Load the checkpoint onto ``device``; return ``net_out(moving, fixed)`` giving the
-    network's :class:`~mambamorph.models.RegistrationOutput` (float32, no gradient)."""
+    network's :class:`~mambamorph.models.RegistrationOutput` (float32, no gradient), computed
+    in ``precision`` (see :func:`mambamorph.models.predict`)."""
     from mambamorph.checkpoint import load_model
     from mambamorph.models import predict
 
@@ -162,16 +164,17 @@ def _network_runner(path: str, overrides: dict, device: torch.device):
 
     @torch.no_grad()
     def net_out(moving, fixed):
-        out = predict(net, moving, fixed)
+        out = predict(net, moving, fixed, precision=precision)
         return replace(out, flow=out.flow.float(),
                        velocity=None if out.velocity is None else out.velocity.float())
 
     return net_out
 
 
-def _checkpoint_runner(path: str, overrides: dict, device: torch.device) -> FlowFn:
+def _checkpoint_runner(path: str, overrides: dict, precision: str,
+                       device: torch.device) -> FlowFn:
     """Load the checkpoint onto ``device``; return its ``run(moving, fixed, spacing)``."""
-    net_out = _network_runner(path, overrides, device)
+    net_out = _network_runner(path, overrides, device, precision)
 
     def run(moving, fixed, spacing):
         return net_out(moving, fixed).flow
@@ -179,7 +182,8 @@ def _checkpoint_runner(path: str, overrides: dict, device: torch.device) -> Flow
     return run
 
 
-def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overrides) -> Method:
+def checkpoint_method(path: str | os.PathLike, name: str | None = None,
+                      precision: str = "fp32", **overrides) -> Method:
     """A trained model from a checkpoint (``.safetensors`` + ``.json`` pair).
 
     The checkpoint is read once here (on the CPU) to fail early on a bad file and to count the
@@ -188,6 +192,8 @@ def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overri
     Args:
         path: the stem or either file of the checkpoint.
         name: row label; default the paper's name of the model (e.g. ``"MambaMorph"``).
+        precision: inference precision, ``fp32``, ``bf16`` or ``auto`` (see
+            :func:`mambamorph.models.predict`).
         overrides: config fields passed to :func:`mambamorph.checkpoint.load_model` (e.g.
             ``scan_impl``).
     Returns:
@@ -204,9 +210,11 @@ def checkpoint_method(path: str | os.PathLike, name: str | None = None, **overri
     model_name = info["model"]
     del model
     step = info.get("meta", {}).get("step")
-    source = f"{p} ({model_name}{f', step {step}' if step is not None else ''})"
+    source = (f"{p} ({model_name}{f', step {step}' if step is not None else ''}"
+              f"{'' if precision == 'fp32' else f', {precision} inference'})")
     return Method(name=name or DISPLAY_NAMES.get(model_name, model_name), kind="learned",
-                  make_runner=functools.partial(_checkpoint_runner, str(p), dict(overrides)),
+                  make_runner=functools.partial(_checkpoint_runner, str(p), dict(overrides),
+                                                precision),
                   params=params, source=source, label=_checkpoint_label(p))
 
 
@@ -244,11 +252,12 @@ def io_method(cfg=None, name: str = "IO (training-free)") -> Method:
                   params=None, source=_io_source(cfg))
 
 
-def _checkpoint_io_runner(path: str, overrides: dict, cfg, device: torch.device) -> FlowFn:
+def _checkpoint_io_runner(path: str, overrides: dict, cfg, precision: str,
+                          device: torch.device) -> FlowFn:
     """Load the checkpoint onto ``device``; ``run`` refines its prediction by IO."""
     from mambamorph.optimize.instance import instance_optimise
 
-    predict_flow = _network_runner(path, overrides, device)
+    predict_flow = _network_runner(path, overrides, device, precision)
 
     def run(moving, fixed, spacing):
         out = predict_flow(moving, fixed)  # IO starts from the velocity, else the flow
@@ -259,7 +268,7 @@ def _checkpoint_io_runner(path: str, overrides: dict, cfg, device: torch.device)
 
 
 def checkpoint_io_method(path: str | os.PathLike, cfg=None, name: str | None = None,
-                         **overrides) -> Method:
+                         precision: str = "fp32", **overrides) -> Method:
     """A checkpoint's prediction refined by instance optimisation: the network's stationary
     velocity (``RegistrationOutput.velocity``), or its displacement when the model has none,
     starts :func:`mambamorph.optimize.instance.instance_optimise`. Time and memory cover both
@@ -269,6 +278,7 @@ def checkpoint_io_method(path: str | os.PathLike, cfg=None, name: str | None = N
         path: the stem or either file of the checkpoint.
         cfg: :class:`mambamorph.optimize.instance.IOConfig` (default its defaults).
         name: row label; default the model's name + ``" + IO"`` (e.g. ``"MambaMorph + IO"``).
+        precision: the network's inference precision (see :func:`checkpoint_method`).
         overrides: config fields for :func:`mambamorph.checkpoint.load_model`.
     Returns:
         A ``"learned+optimisation"`` :class:`Method` (params: the network's).
@@ -281,7 +291,7 @@ def checkpoint_io_method(path: str | os.PathLike, cfg=None, name: str | None = N
     net = checkpoint_method(path, **overrides)
     return replace(net, name=name or f"{net.name} + IO", kind="learned+optimisation",
                    make_runner=functools.partial(_checkpoint_io_runner, str(Path(path)),
-                                                 dict(overrides), cfg),
+                                                 dict(overrides), cfg, precision),
                    source=f"{net.source} + {_io_source(cfg)}")
 
 
@@ -309,7 +319,7 @@ SPEC_WORDS: dict[str, Callable[[], Method]] = {
 IO_SUFFIX = "+io"
 
 
-def method_from_spec(spec: str, **overrides) -> Method:
+def method_from_spec(spec: str, precision: str = "fp32", **overrides) -> Method:
     """A method from a command-line word (a key of :data:`SPEC_WORDS`, case-insensitive:
     ``identity``/``initial``, ``io``, ``ants-syn``/``ants``, ``greedy``, ``convexadam``), a
     checkpoint path, or a checkpoint path ending in ``+io`` (the checkpoint refined by
@@ -328,8 +338,8 @@ def method_from_spec(spec: str, **overrides) -> Method:
         return factory()
     text = str(spec).strip()
     if text.lower().endswith(IO_SUFFIX):
-        return checkpoint_io_method(text[:-len(IO_SUFFIX)], **overrides)
-    return checkpoint_method(text, **overrides)
+        return checkpoint_io_method(text[:-len(IO_SUFFIX)], precision=precision, **overrides)
+    return checkpoint_method(text, precision=precision, **overrides)
 
 
 def unique_names(methods: Sequence[Method]) -> list[Method]:

@@ -45,7 +45,8 @@ from mambamorph.evaluation.methods import (IO_SUFFIX, SPEC_WORDS, Method, checkp
 from mambamorph.evaluation.results import EvalResult, MethodSummary, PairRecord, summarise
 from mambamorph.io import prepare_output_dir
 from mambamorph.labels import NUM_ROIS, ROI_IDS
-from mambamorph.runtime import Timer, describe_device, peak_memory, resolve_device, warmup_crop
+from mambamorph.runtime import Timer, describe_device, peak_memory, resolve_device, \
+    resolve_precision, warmup_crop
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +318,10 @@ def _is_ants(spec: str) -> bool:
     return str(spec).strip().lower() in ("ants", "ants-syn")
 
 
-def _spec_method(spec: str, seed: int) -> Method:
+def _spec_method(spec: str, seed: int, precision: str = "fp32") -> Method:
     """:func:`method_from_spec`, with the evaluation's seed for ANTs SyN."""
-    return SPEC_WORDS["ants-syn"](seed=seed) if _is_ants(spec) else method_from_spec(spec)
+    return SPEC_WORDS["ants-syn"](seed=seed) if _is_ants(spec) else \
+        method_from_spec(spec, precision=precision)
 
 
 def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str | None = None,
@@ -329,7 +331,7 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
                    identity: bool = True, ants: bool = False, overwrite: bool = False,
                    progress=True, split_file: str | None = None, n_figures: int = 2,
                    figure_axis: int = 0, methods: Sequence[Method] = (), io: bool = False,
-                   specs: Sequence[str] = ()) -> EvalResult:
+                   specs: Sequence[str] = (), precision: str = "fp32") -> EvalResult:
     """What ``mambamorph evaluate`` does: open the test split, build the methods, evaluate.
 
     Args:
@@ -355,6 +357,8 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
         specs: further methods by command-line word or path, after the checkpoints (see
             :func:`~mambamorph.evaluation.methods.method_from_spec`: ``io``, ``convexadam``,
             ``greedy``, ``ants-syn``, ``PATH``, ``PATH+io``); ANTs SyN gets ``seed``.
+        precision: the networks' inference precision, ``fp32``, ``bf16`` or ``auto`` (see
+            :func:`mambamorph.models.predict`).
     Returns:
         :class:`EvalResult`; ``str()`` of it is the results table.
     Raises:
@@ -367,18 +371,19 @@ def run_evaluation(checkpoints: Sequence[str | os.PathLike] = (), data_root: str
     from mambamorph.data.datasets import open_dataset, test_pairs
 
     dev = resolve_device(device)
+    resolve_precision(precision, dev)  # an unknown precision fails before any work
     if int(n_pairs) < 2:
         raise InputError(f"need at least 2 test pairs (the first is a timing warm-up), "
                          f"got {n_pairs}")
     chosen: list[Method] = [identity_method()] if identity else []
     for c in checkpoints:
         if str(c).strip().lower().endswith(IO_SUFFIX):
-            chosen.append(method_from_spec(str(c)))
+            chosen.append(method_from_spec(str(c), precision=precision))
             continue
-        chosen.append(checkpoint_method(c))
+        chosen.append(checkpoint_method(c, precision=precision))
         if io:
-            chosen.append(checkpoint_io_method(c))
-    chosen += [_spec_method(s, seed) for s in specs]
+            chosen.append(checkpoint_io_method(c, precision=precision))
+    chosen += [_spec_method(s, seed, precision) for s in specs]
     chosen += list(methods)
     if ants and not any(_is_ants(s) for s in specs):
         chosen.append(_spec_method("ants-syn", seed))

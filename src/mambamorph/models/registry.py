@@ -104,17 +104,31 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
+def predict(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
+            precision: str | None = "fp32") -> RegistrationOutput:
     """Inference forward pass of a registration model (no autograd).
 
     ``moving``, ``fixed``: ``(B, C, D0, D1, D2)`` on the model's device. On the CPU the weights
     and inputs are put in channels-last 3D memory format first: oneDNN's 3D convolutions, which
     dominate these models' CPU time, run faster that way (figures in docs/results.md); the
     numbers computed are the same to float rounding.
+
+    ``precision``: ``fp32``, ``bf16`` (bfloat16 autocast: convolutions and matrix products in
+    bfloat16; every loss, warp, integration and the selective scan stay in float32) or
+    ``auto`` (:func:`mambamorph.runtime.resolve_precision`). The returned fields are float32.
     """
-    if moving.device.type == "cpu":
+    from mambamorph.runtime import resolve_precision
+
+    device = moving.device
+    if device.type == "cpu":
         cl = torch.channels_last_3d
         model.to(memory_format=cl)
         moving = moving.contiguous(memory_format=cl)
         fixed = fixed.contiguous(memory_format=cl)
-    return model(moving, fixed)
+    bf16 = resolve_precision(precision, device) == "bf16"
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(moving, fixed)
+    if bf16:
+        out = RegistrationOutput(out.flow.float(), None if out.velocity is None
+                                 else out.velocity.float())
+    return out

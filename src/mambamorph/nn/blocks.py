@@ -108,6 +108,22 @@ class ConvAct(nn.Sequential):
         super().__init__(conv, nn.LeakyReLU(negative_slope))
 
 
+class BoxPool3d(nn.Module):
+    """``AvgPool3d(3, stride=2, padding=1)`` (zero padding counted, ``count_include_pad=True``)
+    computed as a depthwise convolution with weights 1/27: the same numbers to float rounding,
+    but oneDNN's convolution is an order of magnitude faster than torch's 3D average pooling on
+    channels-last tensors on the CPU (the format :func:`mambamorph.models.predict` uses), and it
+    runs in bfloat16 under autocast. No parameters: checkpoints are unchanged.
+
+    ``(B, C, D0, D1, D2)`` -> ``(B, C, ceil(D0/2), ceil(D1/2), ceil(D2/2))``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        weight = torch.full((c, 1, 3, 3, 3), 1.0 / 27.0, device=x.device, dtype=x.dtype)
+        return F.conv3d(x, weight, stride=2, padding=1, groups=c)
+
+
 class ConvSkipBranch(nn.Module):
     """The full-volume convolutional skip branch of the TransMorph-style backbone.
 
@@ -126,7 +142,7 @@ class ConvSkipBranch(nn.Module):
         super().__init__()
         self.full_conv = ConvINAct(in_channels, full_channels)
         self.half_conv = ConvINAct(in_channels, half_channels)
-        self.pool = nn.AvgPool3d(3, stride=2, padding=1)
+        self.pool = BoxPool3d()  # = AvgPool3d(3, stride=2, padding=1), faster on the CPU
         self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
