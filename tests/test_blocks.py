@@ -12,8 +12,9 @@ from torch import nn
 
 from mambamorph.errors import InputError
 from mambamorph.nn.blocks import (ConvINAct, ConvSkipBranch, ConvUNet, DecoderBlock, FlowHead,
-                                  PatchEmbed, PatchMerging, RegistrationUNet, check_pair,
-                                  sinusoidal_position_code, tokens_to_volume, volume_to_tokens)
+                                  RegistrationUNet, check_pair)
+from mambamorph.nn.tokens import (PatchEmbed, PatchMerging, sinusoidal_position_code,
+                                  tokens_to_volume, volume_to_tokens)
 from mambamorph.nn.features import FeatureExtractor, ReadoutHead
 
 

@@ -42,7 +42,8 @@ from torch import nn
 
 from mambamorph.models.config import ModelConfig, at_least
 from mambamorph.models.registry import ReadoutMixin, RegistrationOutput, register_model
-from mambamorph.nn.blocks import Grid, RegistrationUNet, check_pair, maybe_checkpoint
+from mambamorph.nn.blocks import RegistrationUNet, check_pair, maybe_checkpoint
+from mambamorph.nn.tokens import Grid
 from mambamorph.nn.features import FeatureExtractor, ReadoutHead
 from mambamorph.nn.mamba import Mamba
 from mambamorph.nn.spatial import integrate_velocity

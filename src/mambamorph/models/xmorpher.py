@@ -49,7 +49,8 @@ from torch import nn
 
 from mambamorph.models.config import ModelConfig, at_least, token_stage_problems
 from mambamorph.models.registry import RegistrationOutput, register_model
-from mambamorph.nn.blocks import FlowHead, PatchMerging, check_pair
+from mambamorph.nn.blocks import FlowHead, check_pair
+from mambamorph.nn.tokens import PatchMerging
 from mambamorph.nn.swin import DropPath, Triple
 
 
