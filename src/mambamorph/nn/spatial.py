@@ -223,9 +223,35 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     if int(steps) != steps or steps < 0:
         raise InputError(f"integrate_velocity: expected steps >= 0, got {steps}")
     disp = velocity.to(_work_dtype(velocity)) / (2.0 ** int(steps))
-    for _ in range(int(steps)):
-        disp = disp + warp(disp, disp)
-    return disp
+    if steps == 0:
+        return disp
+    if disp.device.type == "cpu" and not (torch.is_grad_enabled() and disp.requires_grad):
+        from mambamorph.nn.squaring_cpu import square_cpu  # imports numba on first use
+
+        return square_cpu(disp, int(steps))
+    with no_autocast(disp.device):
+        # The squarings run in grid_sample's own convention (normalised units, channels
+        # reversed, channels-last memory), where the sampling grid is one addition: the same
+        # transform as ``disp + warp(disp, disp)`` (sampling is linear in the field), without a
+        # normalisation, a flip and two layout copies per step.
+        scale, _ = _normalisation(tuple(disp.shape[2:]), disp.device, disp.dtype)
+        cl = torch.channels_last_3d
+        g = (disp * scale).flip(1).contiguous(memory_format=cl)  # memory (B, D0, D1, D2, 3)
+        base = _normalised_identity(tuple(disp.shape[2:]), disp.device, disp.dtype)
+        for _ in range(int(steps)):
+            grid = base + g.permute(0, 2, 3, 4, 1)  # (B, D0, D1, D2, 3), (x=D2, y=D1, z=D0)
+            sampled = F.grid_sample(g, grid, mode="bilinear", padding_mode="zeros",
+                                    align_corners=True)
+            g = (g + sampled).contiguous(memory_format=cl)
+        return g.flip(1) / scale
+
+
+@lru_cache(maxsize=8)
+def _normalised_identity(sizes: tuple[int, int, int], device: torch.device,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """:func:`voxel_to_grid` of the identity grid: ``(1, D0, D1, D2, 3)``, cached (read-only)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return voxel_to_grid(identity_grid(sizes, device, dtype).unsqueeze(0)).contiguous()
 
 
 def resize_flow(flow: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
