@@ -320,3 +320,43 @@ def test_box_pool_is_torch_average_pooling():
     assert torch.allclose(gx, gr, atol=1e-13)
     xl = x.detach().float().contiguous(memory_format=torch.channels_last_3d)
     assert torch.allclose(BoxPool3d()(xl), ref.detach().float(), atol=1e-6)
+
+
+def test_instance_norm_keeps_channels_last_and_matches_torch():
+    """The block's InstanceNorm3d on a channels-last input = torch's instance norm (values and
+    gradients), and stays channels-last; other inputs take torch's own path."""
+    from mambamorph.nn.blocks import InstanceNorm3d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, 8, dtype=torch.float64, generator=g) * 3 + 1
+    xl = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    norm = InstanceNorm3d(5)
+    out = norm(xl)
+    ref = F.instance_norm(x, eps=norm.eps)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(out, ref, atol=1e-12)
+    (gx,) = torch.autograd.grad((out * torch.arange(out.numel(), dtype=out.dtype)
+                                 .view(out.shape)).sum(), xl)
+    xr = x.clone().requires_grad_()
+    (gr,) = torch.autograd.grad((F.instance_norm(xr, eps=norm.eps) * torch.arange(
+        out.numel(), dtype=out.dtype).view(out.shape)).sum(), xr)
+    assert torch.allclose(gx, gr, atol=1e-9)
+    assert torch.allclose(norm(x), ref, atol=1e-12)  # contiguous input: torch's path
+    assert torch.allclose(norm(xl[:1]), ref[:1], atol=1e-12)  # batch of one
+    assert not dict(norm.state_dict())
+
+
+def test_decoder_block_in_a_channels_last_model_matches_contiguous():
+    """A channels-last DecoderBlock (as ``predict`` runs on the CPU) converts a contiguous input
+    and skip before upsampling: the same output as the contiguous block."""
+    torch.manual_seed(0)
+    block = DecoderBlock(6, 4, 3).double().eval()
+    x = torch.randn(1, 6, 3, 4, 5, dtype=torch.float64)
+    skip = torch.randn(1, 3, 6, 8, 10, dtype=torch.float64)
+    with torch.no_grad():
+        ref = block(x, skip)
+        block.to(memory_format=torch.channels_last_3d)
+        out = block(x, skip)
+        out32 = block.float()(x.float(), skip.float())
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert torch.allclose(out32.double(), ref, atol=1e-4)
