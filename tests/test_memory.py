@@ -2,6 +2,8 @@
 ran before it in the process."""
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,3 +57,45 @@ def test_peak_memory_falls_back_in_process_for_work_that_does_not_pickle(caplog)
 def test_peak_memory_reraises_the_error_of_the_measured_call():
     with pytest.raises(ValueError, match="unknown model"):
         peak_memory(functools.partial(_model_runner, "no-such-model"), (None, None), "cpu")
+
+
+_FAULTS_OF_REPEATED_WORK = """
+import resource, sys, torch
+from mambamorph.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = torch.ones(16 * 2 ** 20)  # 64 MB
+before = faults()
+for _ in range(10):  # two fresh 64 MB results per round, freed at its end
+    c = a + 1.0
+    d = c * a
+    del c, d
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_reuses_pages_instead_of_faulting_new_ones():
+    """Ten rounds of two 64 MB results: glibc's default maps fresh pages for each and faults
+    every 4 KB page (10 x 32768); after keep_freed_memory only the first round faults."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_REPEATED_WORK, mode],
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    default, keep = faults("default"), faults("keep")
+    assert keep < 2 * 32768 + 2000
+    # with transparent huge pages always on, the default faults 2 MB at a time (~640 faults)
+    if default > 100000:
+        assert keep * 4 < default
+
+
+def test_should_keep_freed_memory_reads_the_environment():
+    from mambamorph.runtime import KEEP_FREED_MEMORY_ENV, should_keep_freed_memory
+
+    for value, expected in (("1", True), ("yes", True), ("0", False), ("off", False),
+                            ("", False), (" False ", False)):
+        assert should_keep_freed_memory({KEEP_FREED_MEMORY_ENV: value}) is expected
+    assert isinstance(should_keep_freed_memory({}), bool)  # by physical memory

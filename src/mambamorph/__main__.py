@@ -3,7 +3,7 @@
 
 import sys
 
-from mambamorph.cli import main
+from mambamorph.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -414,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run() -> int:
+    """The ``mambamorph`` command (console script and ``python -m mambamorph``): the C
+    allocator set up for large tensors where the machine has the memory
+    (:func:`mambamorph.runtime.should_keep_freed_memory`), then :func:`main`."""
+    from mambamorph.runtime import keep_freed_memory, should_keep_freed_memory
+
+    if should_keep_freed_memory():
+        keep_freed_memory()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -445,4 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,6 +1,7 @@
 """Where and how work runs: device resolution, device description, synchronisation, a
 device-synchronised wall-clock ``Timer``, a ``PeakMemory`` probe and ``peak_memory``, the one
-measure of a model's or a method's memory.
+measure of a model's or a method's memory, and how the C allocator treats freed memory
+(:func:`keep_freed_memory`).
 
 Every command resolves its ``--device`` through :func:`resolve_device`, so an unknown or
 unavailable device is one :class:`~mambamorph.errors.InputError` everywhere; every figure of time
@@ -24,7 +25,8 @@ from mambamorph.errors import InputError
 
 __all__ = ["resolve_device", "describe_device", "synchronize", "Timer", "timed", "PeakMemory",
            "peak_memory", "warmup_crop", "GB", "PRECISIONS", "cpu_has_native_bf16",
-           "resolve_precision"]
+           "resolve_precision", "keep_freed_memory", "should_keep_freed_memory",
+           "KEEP_FREED_MEMORY_ENV"]
 
 #: inference precisions: ``auto`` (bf16 on a CPU with native bfloat16, else fp32), ``fp32``,
 #: ``bf16`` (bfloat16 autocast)
@@ -173,6 +175,55 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's allocator keep memory the process frees for reuse instead of handing it
+    back to the OS: large blocks come from the heap, not one ``mmap`` each, and the heap's top
+    is not trimmed. True if done, False where the C library is not glibc.
+
+    Why: every tensor above 32 MB otherwise gets fresh pages from the kernel, and touching them
+    faults 4 KB at a time (transparent huge pages are opt-in here): a 176x208x192 ``mambamorph``
+    pass on 2 cores spent ~10 s of system time in page faults for ~15 s of wall time. The cost:
+    freed blocks are reused first-fit, so the peak resident memory grows (3.2 -> 5.6 GB for
+    that pass, docs/results.md). Process-wide and not undone; the ``mambamorph`` command calls
+    it at start-up where :func:`should_keep_freed_memory` says so; a library user may call it.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+KEEP_FREED_MEMORY_ENV = "MAMBAMORPH_KEEP_FREED_MEMORY"
+"""Environment variable: ``1`` / ``0`` forces :func:`should_keep_freed_memory`'s answer."""
+
+KEEP_FREED_MEMORY_MIN_RAM = 16 * 2 ** 30
+"""Physical memory from which the command keeps freed memory by default (bytes): the extra
+resident memory it costs (~2.4 GB for a 176x208x192 ``mambamorph`` pass) is then small."""
+
+
+def should_keep_freed_memory(environ=None) -> bool:
+    """Whether the ``mambamorph`` command calls :func:`keep_freed_memory` at start-up:
+    :data:`KEEP_FREED_MEMORY_ENV` if set (``0``, ``false``, ``no``, ``off`` or empty: no;
+    anything else: yes), else yes on a machine with at least
+    :data:`KEEP_FREED_MEMORY_MIN_RAM` of physical memory. ``environ``: a mapping to read
+    instead of ``os.environ``."""
+    env = os.environ if environ is None else environ
+    value = env.get(KEEP_FREED_MEMORY_ENV)
+    if value is not None:
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return ram >= KEEP_FREED_MEMORY_MIN_RAM
 
 
 def _release_free_heap() -> bool:
