@@ -188,8 +188,8 @@ def keep_freed_memory() -> bool:
     Why: every tensor above 32 MB otherwise gets fresh pages from the kernel, and touching them
     faults 4 KB at a time (transparent huge pages are opt-in here): a 176x208x192 ``mambamorph``
     pass on 2 cores spent ~10 s of system time in page faults for ~15 s of wall time. The cost:
-    freed blocks are reused first-fit, so the peak resident memory grows (3.2 -> 5.6 GB for
-    that pass, docs/results.md). Process-wide and not undone; the ``mambamorph`` command calls
+    freed blocks are reused first-fit, so the peak resident memory grows (3.0 -> 4.9-5.8 GB
+    for that pass, docs/results.md). Process-wide and not undone; the ``mambamorph`` command calls
     it at start-up where :func:`should_keep_freed_memory` says so; a library user may call it.
     """
     import ctypes
@@ -206,7 +206,7 @@ KEEP_FREED_MEMORY_ENV = "MAMBAMORPH_KEEP_FREED_MEMORY"
 
 KEEP_FREED_MEMORY_MIN_RAM = 16 * 2 ** 30
 """Physical memory from which the command keeps freed memory by default (bytes): the extra
-resident memory it costs (~2.4 GB for a 176x208x192 ``mambamorph`` pass) is then small."""
+resident memory it costs (2-3 GB for a 176x208x192 ``mambamorph`` pass) is then affordable."""
 
 
 def should_keep_freed_memory(environ=None) -> bool:
