@@ -347,8 +347,8 @@ def test_instance_norm_keeps_channels_last_and_matches_torch():
 
 
 def test_decoder_block_in_a_channels_last_model_matches_contiguous():
-    """A channels-last DecoderBlock (as ``predict`` runs on the CPU) converts a contiguous input
-    and skip before upsampling: the same output as the contiguous block."""
+    """A channels-last DecoderBlock (as ``predict`` runs on the CPU) given contiguous inputs: the
+    same output as the contiguous block."""
     torch.manual_seed(0)
     block = DecoderBlock(6, 4, 3).double().eval()
     x = torch.randn(1, 6, 3, 4, 5, dtype=torch.float64)

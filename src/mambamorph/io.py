@@ -31,7 +31,8 @@ from mambamorph import labels as _labels
 from mambamorph.errors import InputError, OutputExistsError, WriteError
 
 __all__ = ["Volume", "read_volume", "read_labels", "write_volume", "write_itk_displacement",
-           "write_nifti", "atomic_write_bytes", "atomic_write_text", "prepare_output_dir"]
+           "write_nifti", "atomic_write_bytes", "atomic_write_text", "prepare_output_dir",
+           "require_file"]
 
 _RAS = nio.axcodes2ornt(("R", "A", "S"))
 _NIFTI_EXT = (".nii.gz", ".nii")
@@ -109,13 +110,20 @@ class Volume:
 
 
 # ------------------------------------------------------------------------------------ reading
-def _load(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image, Path]:
-    """Load a NIfTI's array (scaling applied, 3D) and image, or raise InputError naming it."""
+def require_file(path: str | os.PathLike, what: str = "file", expected: str = "") -> Path:
+    """``path`` as a Path if it is an existing regular file, else InputError naming it:
+    ``"{path}: {what} not found"`` or ``"{path}: not a file"`` (+ `` (expected ...)``)."""
     p = Path(path)
     if not p.exists():
-        raise InputError(f"{p}: file not found")
+        raise InputError(f"{p}: {what} not found")
     if not p.is_file():
-        raise InputError(f"{p}: not a file")
+        raise InputError(f"{p}: not a file" + (f" (expected {expected})" if expected else ""))
+    return p
+
+
+def _load(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image, Path]:
+    """Load a NIfTI's array (scaling applied, 3D) and image, or raise InputError naming it."""
+    p = require_file(path)
     try:
         # whole-file read: gzip.decompress checks the CRC and length, which nibabel's partial
         # reads skip, so a corrupt .nii.gz fails here instead of giving garbage voxels

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from mambamorph.checkpoint import checkpoint_stem
 from mambamorph.errors import InputError, MambaMorphError, OutputExistsError, WriteError
-from mambamorph.io import atomic_write_text
+from mambamorph.io import atomic_write_text, require_file
 from mambamorph.optimize.instance import IOConfig
 from mambamorph.register import OUTPUT_NAMES, Registrar
 
@@ -160,11 +160,7 @@ def read_pairs(csv_path: str | os.PathLike) -> list[Pair]:
             without pairs; a required column is missing; a row lacks a path or has more fields
             than the header; an id is repeated or not a safe folder name.
     """
-    p = Path(csv_path)
-    if not p.exists():
-        raise InputError(f"{p}: pairs file not found")
-    if not p.is_file():
-        raise InputError(f"{p}: not a file (expected a CSV of pairs)")
+    p = require_file(csv_path, "pairs file", "a CSV of pairs")
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

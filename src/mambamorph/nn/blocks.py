@@ -62,7 +62,8 @@ class InstanceNorm3d(nn.InstanceNorm3d):
 
     torch's instance norm returns a contiguous tensor whatever its input, so in a channels-last
     network (``predict`` on the CPU) every :class:`ConvINAct` paid a layout copy before its next
-    convolution (0.8 s of a 176x208x192 ``mambamorph`` pass on 2 cores). Without affine
+    convolution (0.8 s of a 176x208x192 ``mambamorph`` pass on 2 cores), and the decoder
+    upsampled contiguous tensors, ~3x slower than channels-last ones. Without affine
     parameters or running statistics, the instance norm of sample ``b`` is the batch norm (batch
     statistics) of its ``(D0 D1 D2, C)`` view, which is what a channels-last tensor's memory
     already is; same numbers to float rounding (test in ``tests/test_blocks.py``). Any other
@@ -204,17 +205,6 @@ class DecoderBlock(nn.Module):
         if (skip is None) != (self.skip_channels == 0):
             raise InputError(f"DecoderBlock: built with skip_channels={self.skip_channels}, "
                              f"got skip={'None' if skip is None else tuple(skip.shape)}")
-        cl = torch.channels_last_3d
-        if (self.conv1[0].weight.is_contiguous(memory_format=cl)
-                and not x.is_contiguous(memory_format=cl)):
-            # a channels-last model (``predict`` on the CPU): the instance norm before gives a
-            # contiguous tensor, and trilinear upsampling of a contiguous one is ~4x slower
-            # (2.5 s against 0.6 s for the 48-channel full-size step); converting the small
-            # input here costs ~0.05 s and the upsampling, concatenation and conv stay
-            # channels-last
-            x = x.contiguous(memory_format=cl)
-            if skip is not None:
-                skip = skip.contiguous(memory_format=cl)
         if skip is not None:
             if skip.shape[1] != self.skip_channels:
                 raise InputError(f"DecoderBlock: expected a skip with {self.skip_channels} "
