@@ -4,6 +4,7 @@ ran before it in the process."""
 import functools
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -46,6 +47,9 @@ def test_peak_memory_falls_back_in_process_for_work_that_does_not_pickle(caplog)
     def make(device):
         def run(n):
             block = torch.empty(n, dtype=torch.uint8).fill_(1)  # n bytes, every page touched
+            # in this process the resident set is sampled every 2 ms: hold the block long enough
+            # for a sampler thread on a busy machine to see it (CI once saw 59.6 of 64 MiB)
+            time.sleep(0.2)
             return int(block[-1])
         return run
 
