@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from mambamorph.errors import InputError
 from mambamorph.nn.spatial import integrate_velocity, warp
+from mambamorph.optimize.adam import Adam
 from mambamorph.similarity import mind_ssc, mind_ssd_loss
 
 __all__ = ["IOConfig", "IOResult", "instance_optimise"]
@@ -270,10 +271,10 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
                 v0 = torch.zeros((1, 3, *size), device=dev)
         # the parameter is in IMAGE voxels (so lr means the same at every level)
         param = (v0 * s).requires_grad_(True)
-        opt = torch.optim.Adam([param], lr=cfg.lr)
+        opt = Adam([param], lr=cfg.lr)
         last_good = param.detach().clone()
         for _ in range(int(n_iter)):
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             vs = _smooth(param, cfg.smooth_passes) / s  # level voxels
             disp = _upsample_field(integrate_velocity(vs, cfg.steps), s / g, sim_size)
             sim = mind_ssd_loss(warp(fm, disp, padding_mode="border"), ff)
