@@ -317,10 +317,19 @@ def test_cuda_float16_autocast_matches_cpu():
 
 # ---------------------------------------------------------------- the CPU squaring kernel
 
+def _warp_by_grid_sample(image, flow, padding_mode="zeros"):
+    """The plain reference of warp: grid_sample at the identity grid plus the flow."""
+    points = identity_grid(flow.shape[2:], dtype=flow.dtype).unsqueeze(0) + flow
+    batch = max(image.shape[0], flow.shape[0])
+    return torch.nn.functional.grid_sample(
+        image.expand(batch, -1, -1, -1, -1), voxel_to_grid(points).expand(batch, -1, -1, -1, -1),
+        mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
 def _squarings_by_grid_sample(disp, steps):
     """The plain reference: ``steps`` times ``u <- u + warp(u, u)`` through ``grid_sample``."""
     for _ in range(steps):
-        disp = disp + warp(disp, disp)
+        disp = disp + _warp_by_grid_sample(disp, disp)
     return disp
 
 
@@ -377,3 +386,86 @@ def test_cpu_squaring_kernel_handles_non_finite_like_grid_sample():
     tame = ~torch.isnan(ref) & (ref.abs() < 1e6)
     assert torch.allclose(out[tame], ref[tame], atol=1e-12, rtol=0)
     assert out[0, 1, 3, 3, 3] == 1e30 and out[0, 2, 4, 1, 1] == -1e30
+
+
+# ---------------------------------------------------------------- the CPU warp kernel
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("shape,batches", [((9, 10, 11), (1, 2)), ((2, 8, 5), (2, 2)),
+                                           ((6, 7, 8), (2, 1))])
+def test_cpu_warp_kernel_matches_grid_sample_and_its_gradient_float64(padding_mode, shape,
+                                                                       batches):
+    """warp of a constant image on the CPU (the numba kernel) against grid_sample, float64: a
+    field reaching out of the volume, axes of two voxels, a batch of one broadcast either way;
+    values and the gradient with respect to the flow to 1e-12."""
+    from mambamorph.nn.warp_cpu import supports
+
+    g = torch.Generator().manual_seed(2)
+    image = torch.rand(batches[0], 4, *shape, dtype=torch.float64, generator=g)
+    flow = ((torch.rand(batches[1], 3, *shape, dtype=torch.float64, generator=g) - 0.5) * 6.0)
+    flow.requires_grad_()
+    assert supports(image, flow, "bilinear", padding_mode)
+    out = warp(image, flow, padding_mode=padding_mode)
+    ref = _warp_by_grid_sample(image, flow, padding_mode)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    weights = torch.rand(ref.shape, dtype=torch.float64, generator=g)
+    grad, = torch.autograd.grad((out * weights).sum(), flow)
+    grad_ref, = torch.autograd.grad((ref * weights).sum(), flow)
+    assert torch.allclose(grad, grad_ref, atol=1e-12, rtol=0)
+    assert grad.abs().max() > 0.1
+
+
+def test_cpu_warp_kernel_border_gradient_is_zero_on_and_beyond_the_boundary_like_torch():
+    """Border padding clamps each coordinate; torch counts the boundary itself as outside
+    (gradient 0 there), and so does the kernel."""
+    shape = (5, 6, 7)
+    image = torch.rand(1, 2, *shape, dtype=torch.float64)
+    flow = torch.full((1, 3, *shape), 0.25, dtype=torch.float64)
+    flow[0, 0, 0] = 0.0  # on the lower boundary of axis 0
+    flow[0, 1, :, 5] = 0.0  # on the upper boundary of axis 1
+    flow[0, 2, :, :, 6] = 3.5  # beyond the upper boundary of axis 2
+    flow.requires_grad_()
+    out = warp(image, flow, padding_mode="border")
+    ref = _warp_by_grid_sample(image, flow, "border")
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    grad, = torch.autograd.grad(out.sum(), flow)
+    grad_ref, = torch.autograd.grad(ref.sum(), flow)
+    assert torch.allclose(grad, grad_ref, atol=1e-12, rtol=0)
+    assert (grad[0, 0, 0] == 0).all() and (grad[0, 1, :, 5] == 0).all()
+    assert (grad[0, 2, :, :, 6] == 0).all()
+
+
+def test_cpu_warp_kernel_non_finite_positions_sample_zero_with_zero_gradient():
+    from mambamorph.nn.warp_cpu import warp_cpu
+
+    image = torch.rand(1, 3, 4, 5, 6)
+    flow = torch.zeros(1, 3, 4, 5, 6)
+    flow[0, 0, 1, 1, 1] = float("nan")
+    flow[0, 2, 2, 2, 2] = float("inf")
+    flow.requires_grad_()
+    for padding_mode in ("zeros", "border"):
+        out = warp_cpu(image, flow, padding_mode)
+        assert (out[0, :, 1, 1, 1] == 0).all() and (out[0, :, 2, 2, 2] == 0).all()
+        assert torch.equal(out[0, :, 3], image[0, :, 3])  # zero displacement elsewhere
+        grad, = torch.autograd.grad(out.sum(), flow)
+        assert torch.isfinite(grad).all()
+        assert (grad[0, :, 1, 1, 1] == 0).all() and (grad[0, :, 2, 2, 2] == 0).all()
+
+
+def test_warp_takes_grid_sample_where_the_kernel_does_not_apply():
+    """An image that needs a gradient, nearest sampling, reflection padding or an axis of one
+    voxel go through grid_sample; the gradient then reaches the image too."""
+    from mambamorph.nn.warp_cpu import supports
+
+    shape = (4, 5, 6)
+    image = torch.rand(1, 2, *shape, requires_grad=True)
+    flow = torch.rand(1, 3, *shape) - 0.5
+    assert not supports(image, flow, "bilinear", "zeros")
+    assert not supports(image.detach(), flow, "nearest", "zeros")
+    assert not supports(image.detach(), flow, "bilinear", "reflection")
+    assert not supports(torch.rand(1, 2, 1, 5, 6), torch.rand(1, 3, 1, 5, 6), "bilinear", "zeros")
+    out = warp(image, flow)
+    out.sum().backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert torch.allclose(out.detach(), warp(image.detach(), flow), atol=1e-6)

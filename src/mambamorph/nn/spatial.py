@@ -146,7 +146,10 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
     """Warp an image by a displacement field: ``out(x) = image(x + flow(x))``.
 
     Sampling is ``grid_sample`` (trilinear for ``"bilinear"``) with ``align_corners=True``;
-    points outside the volume read ``padding_mode`` (default zeros). The grid is always computed
+    points outside the volume read ``padding_mode`` (default zeros). On the CPU, an image that
+    needs no gradient is sampled trilinearly with zero or border padding by the numba kernels
+    of :mod:`mambamorph.nn.warp_cpu` instead (the same numbers to float rounding, gradient with
+    respect to ``flow``; the result is then in channels-last memory). The grid is always computed
     in float32 (float64 if an input is float64) with autocast disabled, so the function is safe
     under float16 / bfloat16 autocast; gradients flow to both ``image`` and ``flow``.
 
@@ -189,6 +192,12 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
                          f"one-hot float encoding to interpolate labels")
     wdt = _work_dtype(flow) if integer_image else _work_dtype(image, flow)
     batch = max(nb_img, nb_flow)
+    if not integer_image:
+        from mambamorph.nn import warp_cpu  # imports numba on first use
+
+        src, fl = image.to(wdt), flow.to(wdt)
+        if warp_cpu.supports(src, fl, mode, padding_mode):  # a constant image on the CPU
+            return warp_cpu.warp_cpu(src, fl, padding_mode)
     with no_autocast(flow.device):
         grid0 = identity_grid(flow.shape[2:], device=flow.device, dtype=wdt)
         points = grid0.unsqueeze(0) + flow.to(wdt)  # (B, 3, D0, D1, D2), voxels

@@ -19,6 +19,7 @@ selective scan's kernels are.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numba
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["square_cpu"]
+__all__ = ["square_cpu", "torch_thread_count"]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -115,6 +116,19 @@ def _square(u, out, zero):  # pragma: no cover - compiled; tested through square
                 out[x0, x1, x2, 2] = a2 + s2
 
 
+@contextlib.contextmanager
+def torch_thread_count():
+    """numba's parallel kernels run on as many threads as torch's CPU ops (at most numba's
+    own count) inside the block: ``mambamorph --threads`` and ``torch.set_num_threads`` hold
+    for the kernels of this package too. numba's count is per calling thread."""
+    saved = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(saved, torch.get_num_threads())))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
+
+
 def square_cpu(disp: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` squarings ``u <- u + warp(u, u)`` of a CPU field, without autograd.
 
@@ -131,13 +145,9 @@ def square_cpu(disp: torch.Tensor, steps: int) -> torch.Tensor:
     a = disp.detach().permute(0, 2, 3, 4, 1).contiguous()  # (B, D0, D1, D2, 3)
     b = torch.empty_like(a)
     zero = np.zeros((), dtype=a.numpy().dtype)[()]
-    saved = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(saved, torch.get_num_threads())))
-    try:
+    with torch_thread_count():
         for _ in range(int(steps)):
             for i in range(a.shape[0]):
                 _square(a[i].numpy(), b[i].numpy(), zero)
             a, b = b, a
-    finally:
-        numba.set_num_threads(saved)
     return a.permute(0, 4, 1, 2, 3)

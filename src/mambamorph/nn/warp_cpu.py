@@ -1,0 +1,228 @@
+"""Warping a fixed image by a field that is being optimised, on the CPU: numba kernels.
+
+:func:`mambamorph.nn.spatial.warp` calls :func:`warp_cpu` on the CPU when the image needs no
+gradient (it is data: an image, its MIND features) and only the displacement does (instance
+optimisation, training's image terms), for trilinear sampling with zero or border padding.
+It computes the same as ``grid_sample(..., align_corners=True)`` and its gradient with respect
+to the sampling positions, but
+
+- in voxel units directly, with no normalised, axis-reversed grid to build and differentiate;
+- on a channels-last image, so the channels of one corner are adjacent in memory;
+- in parallel over the first array axis (torch's CPU 3D sampler and its backward run on one
+  thread: in the instance optimisation of a 96x112x96 pair they were 65 % of its time,
+  docs/results.md).
+
+Conventions are :mod:`mambamorph.nn.spatial`'s: a displacement ``u`` ``(3, D0, D1, D2)`` in
+voxels, channel ``i`` along array axis ``i``; the image is sampled at ``x + u(x)``. Padding:
+
+- ``zeros``: a corner outside the volume reads 0 (and contributes no gradient);
+- ``border``: each coordinate is first clamped to ``[0, D - 1]``; the gradient of a clamped
+  coordinate is 0, with the volume's boundary itself counted as outside, as torch does.
+
+A position that is not finite samples 0 with gradient 0. Results equal ``grid_sample``'s to
+float rounding (``tests/test_spatial.py``). Kernels are compiled on first use and cached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from mambamorph.nn.squaring_cpu import torch_thread_count
+
+__all__ = ["warp_cpu", "supports"]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; tested via warp_cpu
+    """Forward (``gout`` of size 0): ``out[x, c] = img(x + u[:, x])[c]``. Backward (``gout``
+    ``(D0, D1, D2, C)``): ``gu[k, x] = sum_c gout[x, c] * d img(x + u[:, x])[c] / d u_k``.
+
+    ``img`` ``(D0, D1, D2, C)``, ``u`` and ``gu`` ``(3, D0, D1, D2)``, ``out`` ``(D0, D1, D2, C)``
+    (size 0 in backward); every axis has at least two voxels.
+    """
+    n0, n1, n2, nc = img.shape
+    backward = gout.size > 0
+    for x0 in prange(n0):
+        for x1 in range(n1):
+            for x2 in range(n2):
+                p0 = x0 + u[0, x0, x1, x2]
+                p1 = x1 + u[1, x0, x1, x2]
+                p2 = x2 + u[2, x0, x1, x2]
+                # gradient factor of each coordinate (0 where border padding clamps it)
+                k0 = 1.0
+                k1 = 1.0
+                k2 = 1.0
+                finite = math.isfinite(p0) and math.isfinite(p1) and math.isfinite(p2)
+                if border and finite:
+                    if p0 <= 0.0 or p0 >= n0 - 1:
+                        k0 = 0.0
+                        p0 = min(max(p0, 0.0), n0 - 1.0)
+                    if p1 <= 0.0 or p1 >= n1 - 1:
+                        k1 = 0.0
+                        p1 = min(max(p1, 0.0), n1 - 1.0)
+                    if p2 <= 0.0 or p2 >= n2 - 1:
+                        k2 = 0.0
+                        p2 = min(max(p2, 0.0), n2 - 1.0)
+                if finite and 0.0 <= p0 < n0 - 1 and 0.0 <= p1 < n1 - 1 and 0.0 <= p2 < n2 - 1:
+                    # all eight corners inside (almost every voxel): no bounds checks
+                    i0 = int(p0)
+                    i1 = int(p1)
+                    i2 = int(p2)
+                    t0 = p0 - i0
+                    t1 = p1 - i1
+                    t2 = p2 - i2
+                    r0 = 1.0 - t0
+                    r1 = 1.0 - t1
+                    r2 = 1.0 - t2
+                    g0 = 0.0
+                    g1 = 0.0
+                    g2 = 0.0
+                    for c in range(nc):
+                        v000 = img[i0, i1, i2, c]
+                        v001 = img[i0, i1, i2 + 1, c]
+                        v010 = img[i0, i1 + 1, i2, c]
+                        v011 = img[i0, i1 + 1, i2 + 1, c]
+                        v100 = img[i0 + 1, i1, i2, c]
+                        v101 = img[i0 + 1, i1, i2 + 1, c]
+                        v110 = img[i0 + 1, i1 + 1, i2, c]
+                        v111 = img[i0 + 1, i1 + 1, i2 + 1, c]
+                        c00 = v000 * r2 + v001 * t2  # interpolated along axis 2
+                        c01 = v010 * r2 + v011 * t2
+                        c10 = v100 * r2 + v101 * t2
+                        c11 = v110 * r2 + v111 * t2
+                        if backward:
+                            go = gout[x0, x1, x2, c]
+                            g0 += go * (r1 * (c10 - c00) + t1 * (c11 - c01))
+                            g1 += go * (r0 * (c01 - c00) + t0 * (c11 - c10))
+                            g2 += go * (r0 * (r1 * (v001 - v000) + t1 * (v011 - v010))
+                                        + t0 * (r1 * (v101 - v100) + t1 * (v111 - v110)))
+                        else:
+                            out[x0, x1, x2, c] = r0 * (r1 * c00 + t1 * c01) \
+                                + t0 * (r1 * c10 + t1 * c11)
+                    if backward:
+                        gu[0, x0, x1, x2] = g0 * k0
+                        gu[1, x0, x1, x2] = g1 * k1
+                        gu[2, x0, x1, x2] = g2 * k2
+                    continue
+                if not (finite and -1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2):
+                    # no corner inside: zero sample, zero gradient
+                    if backward:
+                        gu[0, x0, x1, x2] = 0.0
+                        gu[1, x0, x1, x2] = 0.0
+                        gu[2, x0, x1, x2] = 0.0
+                    else:
+                        for c in range(nc):
+                            out[x0, x1, x2, c] = 0.0
+                    continue
+                f0 = math.floor(p0)
+                f1 = math.floor(p1)
+                f2 = math.floor(p2)
+                i0 = int(f0)
+                i1 = int(f1)
+                i2 = int(f2)
+                t0 = p0 - f0
+                t1 = p1 - f1
+                t2 = p2 - f2
+                g0 = 0.0
+                g1 = 0.0
+                g2 = 0.0
+                if not backward:
+                    for c in range(nc):
+                        out[x0, x1, x2, c] = 0.0
+                for d0 in range(2):
+                    j0 = i0 + d0
+                    if j0 < 0 or j0 >= n0:
+                        continue
+                    w0 = t0 if d0 else 1.0 - t0
+                    s0 = 1.0 if d0 else -1.0  # d w0 / d p0
+                    for d1 in range(2):
+                        j1 = i1 + d1
+                        if j1 < 0 or j1 >= n1:
+                            continue
+                        w1 = t1 if d1 else 1.0 - t1
+                        s1 = 1.0 if d1 else -1.0
+                        for d2 in range(2):
+                            j2 = i2 + d2
+                            if j2 < 0 or j2 >= n2:
+                                continue
+                            w2 = t2 if d2 else 1.0 - t2
+                            s2 = 1.0 if d2 else -1.0
+                            if backward:
+                                dot = 0.0
+                                for c in range(nc):
+                                    dot += gout[x0, x1, x2, c] * img[j0, j1, j2, c]
+                                g0 += s0 * w1 * w2 * dot
+                                g1 += w0 * s1 * w2 * dot
+                                g2 += w0 * w1 * s2 * dot
+                            else:
+                                w = w0 * w1 * w2
+                                for c in range(nc):
+                                    out[x0, x1, x2, c] += w * img[j0, j1, j2, c]
+                if backward:
+                    gu[0, x0, x1, x2] = g0 * k0
+                    gu[1, x0, x1, x2] = g1 * k1
+                    gu[2, x0, x1, x2] = g2 * k2
+
+
+def supports(image: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> bool:
+    """Whether :func:`warp_cpu` applies: CPU tensors, float32/float64 of one dtype, trilinear
+    sampling with zero or border padding, an image that needs no gradient, every spatial axis
+    of at least two voxels."""
+    return (image.device.type == "cpu" and flow.device.type == "cpu"
+            and mode == "bilinear" and padding_mode in ("zeros", "border")
+            and image.dtype == flow.dtype and image.dtype in (torch.float32, torch.float64)
+            and not image.requires_grad and min(image.shape[2:]) >= 2)
+
+
+class _Warp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image_cl, flow, border):  # image_cl (Bi, D0, D1, D2, C), flow (Bf, 3, ...)
+        u = flow.detach().contiguous()
+        batch = max(image_cl.shape[0], u.shape[0])  # a batch of 1 broadcasts
+        out = image_cl.new_empty((batch, *image_cl.shape[1:]))
+        empty = np.zeros((0, 0, 0, 0), dtype=out.numpy().dtype)
+        with torch_thread_count():
+            for b in range(batch):
+                _sample(_item(image_cl, b), _item(u, b), border, out[b].numpy(), empty, empty)
+        ctx.save_for_backward(image_cl, u)
+        ctx.border = border
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        image_cl, u = ctx.saved_tensors
+        gout = grad_out.contiguous()
+        batch = gout.shape[0]
+        gu = u.new_empty((batch, *u.shape[1:]))
+        empty = np.zeros((0, 0, 0, 0), dtype=gu.numpy().dtype)
+        with torch_thread_count():
+            for b in range(batch):
+                _sample(_item(image_cl, b), _item(u, b), ctx.border, empty, gout[b].numpy(),
+                        gu[b].numpy())
+        if u.shape[0] == 1 and batch > 1:  # the flow was broadcast: sum its gradients
+            gu = gu.sum(dim=0, keepdim=True)
+        return None, gu, None
+
+
+def _item(t: torch.Tensor, b: int) -> np.ndarray:
+    """Sample ``b`` of a batch as a numpy view (a batch of 1 serves every sample)."""
+    return t[b if t.shape[0] > 1 else 0].numpy()
+
+
+def warp_cpu(image: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """``out(x) = image(x + flow(x))``, trilinear, differentiable with respect to ``flow`` only.
+
+    Args:
+        image: ``(B, C, D0, D1, D2)`` float32 or float64 on the CPU, no gradient (see
+            :func:`supports`); channels-last memory avoids one copy.
+        flow: ``(B, 3, D0, D1, D2)`` displacement in voxels, same dtype and batch.
+        padding_mode: ``"zeros"`` or ``"border"`` (see the module docstring).
+    Returns:
+        ``(B, C, D0, D1, D2)`` in ``image``'s dtype, channels-last memory.
+    """
+    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()  # free if channels-last
+    return _Warp.apply(image_cl, flow, padding_mode == "border").permute(0, 4, 1, 2, 3)
