@@ -102,6 +102,29 @@ def test_mind_bad_input():
         mind_ssc(torch.rand(1, 1, 4, 4, 4), dilation=0)
 
 
+@pytest.mark.parametrize("shape,radius,dilation", [((1, 1, 9, 10, 11), 1, 2),
+                                                    ((2, 1, 5, 6, 7), 0, 1),
+                                                    ((1, 1, 8, 3, 8), 2, 3)])
+def test_mind_cpu_kernels_match_the_definition(shape, radius, dilation):
+    """The numba path (mind_ssc of a CPU image without gradient) equals the torch definition:
+    float64 to 1e-12, float32 to float rounding; borders (replicate padding) and offsets beyond
+    an axis included."""
+    from mambamorph.similarity import _mind_ssc_torch
+    from mambamorph.similarity_cpu import mind_ssc_cpu
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(shape, dtype=torch.float64, generator=g) * 300 - 40
+    fast = mind_ssc_cpu(x, radius, dilation)
+    assert fast.shape == (shape[0], 12, *shape[2:]) and fast.dtype == torch.float64
+    assert torch.allclose(fast, _mind_ssc_torch(x, radius, dilation), atol=1e-12, rtol=0)
+    assert torch.equal(mind_ssc(x, radius, dilation), fast)  # the path mind_ssc takes
+    x32 = x.float()
+    assert torch.allclose(mind_ssc_cpu(x32, radius, dilation),
+                          _mind_ssc_torch(x32, radius, dilation), atol=2e-5, rtol=0)
+    flat = mind_ssc_cpu(torch.full(shape, 3.0), radius, dilation)  # constant: exp(0) = 1
+    assert torch.equal(flat, torch.ones_like(flat))
+
+
 def test_mind_ssd_values():
     a = mind_ssc(_smooth_image((10, 10, 10), seed=6))
     b = mind_ssc(_smooth_image((10, 10, 10), seed=7))
