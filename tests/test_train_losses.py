@@ -64,6 +64,9 @@ def test_selection_score_gate():
     assert selection_score(ok, 0.5) == 70.0
     assert selection_score({**ok, "compressed": 3.0}, 0.5) == -math.inf
     assert selection_score({**ok, "compressed": 3.0}, 100.0) == 70.0
+    assert selection_score({**ok, "sdlogj": 0.25}, 0.5, 0.2) == -math.inf
+    assert selection_score({**ok, "sdlogj": 0.2}, 0.5, 0.2) == 70.0
+    assert selection_score({**ok, "sdlogj": float("nan")}, 0.5, 0.2) == -math.inf
     # without labels, the lower image term is the better score
     assert selection_score({**ok, "dice": float("nan")}, 0.5) == -0.3
 

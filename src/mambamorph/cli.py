@@ -102,6 +102,7 @@ def cmd_train(a) -> int:
         "recipe": a.recipe, "model": a.model, "lr": a.lr, "epochs": a.epochs, "steps_per_epoch": a.steps,
         "batch_size": a.batch_size,
         "loss": a.loss, "image_weight": a.image_weight, "image_scales": a.image_scales, "max_compressed": a.max_compressed,
+        "max_sdlogj": a.max_sdlogj,
         "dice_weight": a.dice_weight, "dice_scales": a.dice_scales,
         "smooth_weight": a.smooth_weight, "seed": a.seed,
         "device": a.device, "init": a.init, "max_minutes": a.minutes, "threads": a.threads,
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-compressed", type=float,
                    help="never keep as best a checkpoint whose validation fields compress more "
                    "than this %% of the brain below J = 0.2 (100 = no gate)")
+    t.add_argument("--max-sdlogj", type=float,
+                   help="never keep as best a checkpoint whose validation SDlogJ exceeds this "
+                   "(default: no such gate)")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--threads", type=int, help="CPU threads for torch")

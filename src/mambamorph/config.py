@@ -100,6 +100,8 @@ class TrainConfig:
             labels exist, SDlogJ, % of the brain compressed below J = 0.2, the image term).
         max_compressed: a checkpoint whose validation fields compress more than this % of the
             brain below J = 0.2 is never kept as ``best``, whatever its Dice (100 = no gate).
+        max_sdlogj: likewise for the validation SDlogJ (``None`` = no gate; the shipped
+            ``mambamorph`` weights were chosen with 0.2, docs/weights.md).
         seed: seeds the pair sampler, torch and numpy; CPU runs are repeatable.
         device: ``auto`` (CUDA if present), ``cpu`` or ``cuda[:i]``.
         amp: mixed precision (bfloat16/float16 autocast) on CUDA; ignored on CPU.
@@ -129,6 +131,7 @@ class TrainConfig:
     crop: list[int] | None = None
     val_pairs: int = 10
     max_compressed: float = 0.5
+    max_sdlogj: float | None = None
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -163,6 +166,7 @@ _LIMITS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "threads": (lambda v: v >= 1, "an integer >= 1"),
     "val_pairs": (lambda v: v >= 0, "an integer >= 0"),
     "max_compressed": (lambda v: 0 <= v <= 100, "a percentage between 0 and 100"),
+    "max_sdlogj": (lambda v: v > 0, "a positive number"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
     "synthetic": (lambda v: 0 <= v <= 1, "a fraction between 0 and 1"),
     "synthetic_voxels": (lambda v: v >= 0, "a number >= 0"),

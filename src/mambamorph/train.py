@@ -305,12 +305,15 @@ def validate(model, dataset, pairs, device: torch.device, image: str | None = "m
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-def selection_score(val: dict, max_compressed: float) -> float:
+def selection_score(val: dict, max_compressed: float, max_sdlogj: float | None = None) -> float:
     """The score that picks ``best``: validation Dice where labels exist, otherwise minus the
     image term; ``-inf`` when more than ``max_compressed`` % of the brain is compressed below
     J = 0.2, because a field that flattens anatomy can win Dice (it shrinks structures onto
-    their labels) and must not be chosen for it."""
+    their labels) and must not be chosen for it, and, with ``max_sdlogj``, when the validation
+    SDlogJ exceeds it (an irregular field; the shipped weights' bound is 0.2)."""
     if not val["compressed"] <= max_compressed:
+        return -math.inf
+    if max_sdlogj is not None and not val["sdlogj"] <= max_sdlogj:
         return -math.inf
     score = val["dice"] if math.isfinite(val["dice"]) else -val["image"]
     return score if math.isfinite(score) else -math.inf
@@ -455,7 +458,7 @@ def _train(dist: distributed.Session, cfg: TrainConfig, run_dir: Path, resume: b
             val = validate(model, val_ds, val_pairs, device, spec.image)
             last_val = val["dice"]
             runlog.val_row(step, epoch, val, cfg.lr, time.time() - t0)
-            score = selection_score(val, cfg.max_compressed)
+            score = selection_score(val, cfg.max_compressed, cfg.max_sdlogj)
             if score > best:
                 best = score
                 ckpt.save_model(cdir / "best", model, meta={
