@@ -56,7 +56,7 @@ def mind_ssc(img: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Ten
     ``MIND_c = exp(-D_c / V)``. So the descriptor is in (0, 1], unchanged by an intensity map
     ``a * I + b`` with ``a != 0``, and equal to the ``convexAdam`` package's ``MINDSSC`` (same
     channel order) up to float rounding. A CPU image that needs no gradient goes through the
-    numba kernels of :mod:`mambamorph.similarity_cpu` (the same numbers to float rounding, ~3x
+    numba kernels of :mod:`mambamorph.similarity_cpu` (the same numbers to float rounding, ~1.5x
     faster; the result is then channels-last).
 
     Args:
