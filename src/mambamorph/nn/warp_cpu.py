@@ -67,47 +67,6 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
                     if p2 <= 0.0 or p2 >= n2 - 1:
                         k2 = 0.0
                         p2 = min(max(p2, 0.0), n2 - 1.0)
-                if finite and 0.0 <= p0 < n0 - 1 and 0.0 <= p1 < n1 - 1 and 0.0 <= p2 < n2 - 1:
-                    # all eight corners inside (almost every voxel): no bounds checks
-                    i0 = int(p0)
-                    i1 = int(p1)
-                    i2 = int(p2)
-                    t0 = p0 - i0
-                    t1 = p1 - i1
-                    t2 = p2 - i2
-                    r0 = 1.0 - t0
-                    r1 = 1.0 - t1
-                    r2 = 1.0 - t2
-                    g0 = 0.0
-                    g1 = 0.0
-                    g2 = 0.0
-                    for c in range(nc):
-                        v000 = img[i0, i1, i2, c]
-                        v001 = img[i0, i1, i2 + 1, c]
-                        v010 = img[i0, i1 + 1, i2, c]
-                        v011 = img[i0, i1 + 1, i2 + 1, c]
-                        v100 = img[i0 + 1, i1, i2, c]
-                        v101 = img[i0 + 1, i1, i2 + 1, c]
-                        v110 = img[i0 + 1, i1 + 1, i2, c]
-                        v111 = img[i0 + 1, i1 + 1, i2 + 1, c]
-                        c00 = v000 * r2 + v001 * t2  # interpolated along axis 2
-                        c01 = v010 * r2 + v011 * t2
-                        c10 = v100 * r2 + v101 * t2
-                        c11 = v110 * r2 + v111 * t2
-                        if backward:
-                            go = gout[x0, x1, x2, c]
-                            g0 += go * (r1 * (c10 - c00) + t1 * (c11 - c01))
-                            g1 += go * (r0 * (c01 - c00) + t0 * (c11 - c10))
-                            g2 += go * (r0 * (r1 * (v001 - v000) + t1 * (v011 - v010))
-                                        + t0 * (r1 * (v101 - v100) + t1 * (v111 - v110)))
-                        else:
-                            out[x0, x1, x2, c] = r0 * (r1 * c00 + t1 * c01) \
-                                + t0 * (r1 * c10 + t1 * c11)
-                    if backward:
-                        gu[0, x0, x1, x2] = g0 * k0
-                        gu[1, x0, x1, x2] = g1 * k1
-                        gu[2, x0, x1, x2] = g2 * k2
-                    continue
                 if not (finite and -1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2):
                     # no corner inside: zero sample, zero gradient
                     if backward:
