@@ -192,18 +192,18 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear",
                          f"one-hot float encoding to interpolate labels")
     wdt = _work_dtype(flow) if integer_image else _work_dtype(image, flow)
     batch = max(nb_img, nb_flow)
+    src, fl = image.to(wdt), flow.to(wdt)  # (an integer image becomes float for sampling)
     if not integer_image:
         from mambamorph.nn import warp_cpu  # imports numba on first use
 
-        src, fl = image.to(wdt), flow.to(wdt)
         if warp_cpu.supports(src, fl, mode, padding_mode):  # a constant image on the CPU
             return warp_cpu.warp_cpu(src, fl, padding_mode)
     with no_autocast(flow.device):
         grid0 = identity_grid(flow.shape[2:], device=flow.device, dtype=wdt)
-        points = grid0.unsqueeze(0) + flow.to(wdt)  # (B, 3, D0, D1, D2), voxels
+        points = grid0.unsqueeze(0) + fl  # (B, 3, D0, D1, D2), voxels
         grid = voxel_to_grid(points).expand(batch, -1, -1, -1, -1)
-        src = image.to(wdt).expand(batch, -1, -1, -1, -1)
-        out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+        out = F.grid_sample(src.expand(batch, -1, -1, -1, -1), grid, mode=mode,
+                            padding_mode=padding_mode, align_corners=True)
     if integer_image:
         # nearest sampling returns stored values exactly; round only guards the cast
         out = out.round().to(image.dtype)
