@@ -9,7 +9,8 @@ Bad files fail early with an :class:`~mambamorph.errors.InputError` naming the f
 problem: missing file, not a NIfTI, truncated or corrupt data, wrong dimensionality, NaN/Inf
 voxels, an empty (constant) volume, non-integer or unknown labels. Writes are atomic (temporary
 file in the destination folder, then ``os.replace``), ``.nii.gz`` files are gzipped with mtime 0
-(same data, same bytes), and an existing file is replaced only when ``overwrite=True``.
+(same data, same bytes; stored without deflate when deflate would save little, see
+:func:`gzip_bytes`), and an existing file is replaced only when ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -307,13 +308,40 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False,
     return out
 
 
+#: :func:`gzip_bytes` deflates only when a sample of the data shrinks below this fraction.
+GZIP_WORTH_IT = 0.75
+_GZIP_SAMPLE = 4, 1 << 17  # chunks, bytes per chunk
+
+
+def gzip_bytes(raw: bytes) -> bytes:
+    """A gzip member (mtime 0) holding ``raw``: deflated (level 6) when that pays, else stored.
+
+    Four 128 kB chunks spread over ``raw`` are deflated at level 1; when together they shrink
+    below :data:`GZIP_WORTH_IT` of their size the whole is deflated at level 6, otherwise it is
+    written with level 0 (stored blocks: a valid ``.gz`` any reader opens, a few bytes larger
+    than ``raw``). Float32 fields (the ITK displacement, the Jacobian map) deflate by only
+    8-18 % at 1.5 s and 0.5-0.8 s per 96x112x96 volume on this project's CPU; label maps and
+    images with a background shrink to a quarter or less and stay deflated. Deterministic: the
+    same bytes give the same file.
+    """
+    n_chunks, size = _GZIP_SAMPLE
+    level = 6
+    if len(raw) > 2 * n_chunks * size:
+        step = (len(raw) - size) // (n_chunks - 1)
+        sample = b"".join(raw[i * step:i * step + size] for i in range(n_chunks))
+        if len(zlib.compress(sample, 1)) > GZIP_WORTH_IT * len(sample):
+            level = 0
+    return gzip.compress(raw, compresslevel=level, mtime=0)
+
+
 def _save(path: Path, img: nib.Nifti1Image, overwrite: bool) -> Path:
-    """The one NIfTI file writer: ``.nii.gz`` gzipped with mtime 0, atomic, see module doc."""
+    """The one NIfTI file writer: ``.nii.gz`` gzipped (:func:`gzip_bytes`) with mtime 0, atomic,
+    see module doc."""
     if not str(path).endswith(_NIFTI_EXT):
         raise InputError(f"{path}: output name must end with .nii or .nii.gz")
     raw = img.to_bytes()
     if str(path).endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
+        raw = gzip_bytes(raw)
     return atomic_write_bytes(path, raw, overwrite)
 
 
