@@ -1,10 +1,12 @@
-"""Warp of a constant multi-channel image on the CPU: the numba kernel against grid_sample.
+"""Warp of a constant multi-channel image on the CPU: the numba kernel against grid_sample, and
+the MIND-SSD of the warped descriptors: fused kernel against warp + torch arithmetic.
 
 The case instance optimisation runs every iteration: 24 MIND channels at 48x56x48 (the similarity
-grid of a 96x112x96 pair), border padding, gradient with respect to the field only. Prints the
-forward and backward time of each path (ms), ``--repeat`` times after one warm-up call.
+grid of a 96x112x96 pair at its coarse level; ``--grid 96 112 96`` for a similarity on the image
+grid), border padding, gradient with respect to the field only. Prints the forward and backward
+time of each path (ms), ``--repeat`` times after one warm-up call.
 
-    python bench/bench_warp.py --threads 2
+    python bench/bench_warp.py --threads 2 [--grid 96 112 96]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from mambamorph.nn.spatial import identity_grid, voxel_to_grid
 from mambamorph.nn.warp_cpu import warp_cpu
+from mambamorph.similarity import mind_ssd_loss, warped_mind_ssd_loss
 
 
 def _grid_sample(image, flow):
@@ -35,9 +38,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, a.channels, *a.grid, generator=g)
+    reference = torch.rand(1, a.channels, *a.grid, generator=g)
     flow = (torch.randn(1, 3, *a.grid, generator=g) * 2).requires_grad_()
     paths = {"numba kernel": lambda: warp_cpu(image, flow, "border"),
-             "grid_sample": lambda: _grid_sample(image, flow)}
+             "grid_sample": lambda: _grid_sample(image, flow),
+             "SSD, kernel + torch": lambda: mind_ssd_loss(warp_cpu(image, flow, "border"), reference),
+             "SSD, fused kernel": lambda: warped_mind_ssd_loss(image, reference, flow, "border")}
     for name, fn in paths.items():
         out = fn()
         torch.autograd.grad(out, flow, torch.ones_like(out))  # warm-up (kernel loading)
@@ -47,7 +53,7 @@ def main() -> None:
             t1 = time.perf_counter()
             torch.autograd.grad(out, flow, torch.ones_like(out))
             t2 = time.perf_counter()
-            print(f"{name:12s} forward {1e3 * (t1 - t0):7.1f} ms  backward {1e3 * (t2 - t1):7.1f} ms")
+            print(f"{name:19s} forward {1e3 * (t1 - t0):7.1f} ms  backward {1e3 * (t2 - t1):7.1f} ms")
 
 
 if __name__ == "__main__":

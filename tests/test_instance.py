@@ -95,14 +95,14 @@ def test_io_network_start_improves_on_it(pair):
 def test_io_nan_loss_returns_the_last_finite_state(pair, monkeypatch):
     mov, fixed, *_ = pair
     calls = {"n": 0}
-    real = instance_mod.mind_ssd_loss
+    real = instance_mod.warped_mind_ssd_loss
 
-    def flaky(a, b, mask=None):
+    def flaky(*args, **kwargs):
         calls["n"] += 1
-        out = real(a, b, mask)
+        out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] >= 5 else out
 
-    monkeypatch.setattr(instance_mod, "mind_ssd_loss", flaky)
+    monkeypatch.setattr(instance_mod, "warped_mind_ssd_loss", flaky)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         res = instance_optimise(mov, fixed, cfg=FAST)
     assert res.stopped_early and len(res.loss_curve) == 4

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mambamorph.similarity import (MIND_OFFSET_PAIRS, lncc_loss, mi_loss, mind_ssc,
-                                   mind_ssd_loss, mutual_information)
+                                   mind_ssd_loss, mutual_information, warped_mind_ssd_loss)
 
 
 def _smooth_image(shape, seed, dtype=torch.float32):
@@ -139,6 +139,29 @@ def test_mind_ssd_values():
     with pytest.raises(ValueError, match="mind_ssd_loss"):
         mind_ssd_loss(a, b[..., :9])
 
+
+
+def test_warped_mind_ssd_fused_path_equals_the_composition():
+    """The CPU fast path (descriptors without gradient: fused kernel) and the composition
+    (descriptors with gradient: warp then mind_ssd_loss) give one value and one flow gradient."""
+    from mambamorph.nn.spatial import warp
+
+    a = mind_ssc(_smooth_image((10, 12, 9), seed=6)).double()
+    b = mind_ssc(_smooth_image((10, 12, 9), seed=7)).double()
+    flow = (torch.randn(1, 3, 10, 12, 9, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)) * 2).requires_grad_()
+    for padding_mode in ("border", "zeros"):
+        fused = warped_mind_ssd_loss(a, b, flow, padding_mode)
+        g_fused, = torch.autograd.grad(fused, flow)
+        a_req = a.clone().requires_grad_()  # forces the composition
+        comp = warped_mind_ssd_loss(a_req, b, flow, padding_mode)
+        g_comp, = torch.autograd.grad(comp, flow)
+        plain = mind_ssd_loss(warp(a, flow, padding_mode=padding_mode), b)
+        assert fused.item() == pytest.approx(comp.item(), rel=1e-12)
+        assert fused.item() == pytest.approx(plain.item(), rel=1e-12)
+        assert torch.allclose(g_fused, g_comp, atol=1e-14, rtol=1e-10)
+    with pytest.raises(ValueError, match="warped_mind_ssd_loss"):
+        warped_mind_ssd_loss(a, b, flow[..., :8])
 
 # ---------------------------------------------------------------------------------- local NCC
 

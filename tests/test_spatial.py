@@ -453,6 +453,48 @@ def test_cpu_warp_kernel_non_finite_positions_sample_zero_with_zero_gradient():
         assert (grad[0, :, 1, 1, 1] == 0).all() and (grad[0, :, 2, 2, 2] == 0).all()
 
 
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("shape,batches", [((9, 10, 11), (1, 1, 2)), ((2, 8, 5), (2, 2, 2)),
+                                           ((6, 7, 8), (2, 1, 1))])
+def test_fused_warp_ssd_kernel_matches_grid_sample_float64(padding_mode, shape, batches):
+    """The fused warp + squared difference (per-voxel cost summed over channels) against
+    grid_sample followed by torch's arithmetic, float64: values and the gradient with respect
+    to the flow to 1e-12, with batches of one broadcast each way."""
+    from mambamorph.nn.warp_cpu import warp_ssd_cpu
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(batches[0], 5, *shape, dtype=torch.float64, generator=g)
+    reference = torch.rand(batches[1], 5, *shape, dtype=torch.float64, generator=g)
+    flow = ((torch.rand(batches[2], 3, *shape, dtype=torch.float64, generator=g) - 0.5) * 6.0)
+    flow.requires_grad_()
+    cost = warp_ssd_cpu(image, reference, flow, padding_mode)
+    ref = (_warp_by_grid_sample(image, flow, padding_mode) - reference).square().sum(1, keepdim=True)
+    assert cost.shape == ref.shape == (max(batches), 1, *shape)
+    assert torch.allclose(cost, ref, atol=1e-12, rtol=0)
+    weights = torch.rand(ref.shape, dtype=torch.float64, generator=g)
+    grad, = torch.autograd.grad((cost * weights).sum(), flow)
+    grad_ref, = torch.autograd.grad((ref * weights).sum(), flow)
+    assert grad.shape == flow.shape
+    assert torch.allclose(grad, grad_ref, atol=1e-12, rtol=0)
+    assert grad.abs().max() > 0.1
+
+
+def test_fused_warp_ssd_kernel_non_finite_positions_cost_the_reference_with_zero_gradient():
+    from mambamorph.nn.warp_cpu import warp_ssd_cpu
+
+    image, reference = torch.rand(1, 3, 4, 5, 6), torch.rand(1, 3, 4, 5, 6)
+    flow = torch.zeros(1, 3, 4, 5, 6)
+    flow[0, 1, 1, 1, 1] = float("nan")
+    flow.requires_grad_()
+    for padding_mode in ("zeros", "border"):
+        cost = warp_ssd_cpu(image, reference, flow, padding_mode)
+        # the sample there is 0, as in warp_cpu, so the cost is the reference's square
+        assert torch.allclose(cost[0, 0, 1, 1, 1], reference[0, :, 1, 1, 1].square().sum())
+        assert torch.allclose(cost[0, 0, 3], (image - reference)[0, :, 3].square().sum(0))
+        grad, = torch.autograd.grad(cost.sum(), flow)
+        assert torch.isfinite(grad).all() and (grad[0, :, 1, 1, 1] == 0).all()
+
 def test_warp_takes_grid_sample_where_the_kernel_does_not_apply():
     """An image that needs a gradient, nearest sampling, reflection padding or an axis of one
     voxel go through grid_sample; the gradient then reaches the image too."""

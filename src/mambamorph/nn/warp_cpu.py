@@ -21,6 +21,12 @@ voxels, channel ``i`` along array axis ``i``; the image is sampled at ``x + u(x)
 
 A position that is not finite samples 0 with gradient 0. Results equal ``grid_sample``'s to
 float rounding (``tests/test_spatial.py``). Kernels are compiled on first use and cached.
+
+:func:`warp_ssd_cpu` fuses the warp with the squared difference to a reference image summed over
+channels (the MIND-SSD of instance optimisation, via
+:func:`mambamorph.similarity.warped_mind_ssd_loss`): value and gradient in one pass per voxel,
+without storing the warped image. Both kernels share the position (:func:`_position`) and corner
+(:func:`_corners`) code.
 """
 
 from __future__ import annotations
@@ -33,7 +39,88 @@ from numba import njit, prange
 
 from mambamorph.nn.squaring_cpu import torch_thread_count
 
-__all__ = ["warp_cpu", "supports"]
+__all__ = ["warp_cpu", "warp_ssd_cpu", "supports"]
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _position(u, x0, x1, x2, border, n0, n1, n2):  # pragma: no cover - compiled
+    """The sampling position of voxel ``x`` and the gradient factor of each coordinate (0 where
+    border padding clamps it); ``inside`` is False when no corner lies in the volume (or the
+    position is not finite): the sample is then 0 with gradient 0."""
+    p0 = x0 + u[0, x0, x1, x2]
+    p1 = x1 + u[1, x0, x1, x2]
+    p2 = x2 + u[2, x0, x1, x2]
+    k0 = 1.0
+    k1 = 1.0
+    k2 = 1.0
+    finite = math.isfinite(p0) and math.isfinite(p1) and math.isfinite(p2)
+    if border and finite:
+        if p0 <= 0.0 or p0 >= n0 - 1:
+            k0 = 0.0
+            p0 = min(max(p0, 0.0), n0 - 1.0)
+        if p1 <= 0.0 or p1 >= n1 - 1:
+            k1 = 0.0
+            p1 = min(max(p1, 0.0), n1 - 1.0)
+        if p2 <= 0.0 or p2 >= n2 - 1:
+            k2 = 0.0
+            p2 = min(max(p2, 0.0), n2 - 1.0)
+    inside = finite and -1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2
+    return p0, p1, p2, k0, k1, k2, inside
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _corners(img, p0, p1, p2, vec, backward):  # pragma: no cover - compiled
+    """Trilinear sampling of ``img`` ``(D0, D1, D2, C)`` at an inside position ``p``.
+
+    Forward (``backward`` False): ``vec[c] = img(p)[c]``; returns zeros. Backward: returns
+    ``(g0, g1, g2)`` with ``g_k = sum_c vec[c] * d img(p)[c] / d p_k`` (``vec`` read only).
+    Corners outside the volume read 0."""
+    n0, n1, n2, nc = img.shape
+    f0 = math.floor(p0)
+    f1 = math.floor(p1)
+    f2 = math.floor(p2)
+    i0 = int(f0)
+    i1 = int(f1)
+    i2 = int(f2)
+    t0 = p0 - f0
+    t1 = p1 - f1
+    t2 = p2 - f2
+    g0 = 0.0
+    g1 = 0.0
+    g2 = 0.0
+    if not backward:
+        for c in range(nc):
+            vec[c] = 0.0
+    for d0 in range(2):
+        j0 = i0 + d0
+        if j0 < 0 or j0 >= n0:
+            continue
+        w0 = t0 if d0 else 1.0 - t0
+        s0 = 1.0 if d0 else -1.0  # d w0 / d p0
+        for d1 in range(2):
+            j1 = i1 + d1
+            if j1 < 0 or j1 >= n1:
+                continue
+            w1 = t1 if d1 else 1.0 - t1
+            s1 = 1.0 if d1 else -1.0
+            for d2 in range(2):
+                j2 = i2 + d2
+                if j2 < 0 or j2 >= n2:
+                    continue
+                w2 = t2 if d2 else 1.0 - t2
+                s2 = 1.0 if d2 else -1.0
+                if backward:
+                    dot = 0.0
+                    for c in range(nc):
+                        dot += vec[c] * img[j0, j1, j2, c]
+                    g0 += s0 * w1 * w2 * dot
+                    g1 += w0 * s1 * w2 * dot
+                    g2 += w0 * w1 * s2 * dot
+                else:
+                    w = w0 * w1 * w2
+                    for c in range(nc):
+                        vec[c] += w * img[j0, j1, j2, c]
+    return g0, g1, g2
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -49,82 +136,50 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
     for x0 in prange(n0):
         for x1 in range(n1):
             for x2 in range(n2):
-                p0 = x0 + u[0, x0, x1, x2]
-                p1 = x1 + u[1, x0, x1, x2]
-                p2 = x2 + u[2, x0, x1, x2]
-                # gradient factor of each coordinate (0 where border padding clamps it)
-                k0 = 1.0
-                k1 = 1.0
-                k2 = 1.0
-                finite = math.isfinite(p0) and math.isfinite(p1) and math.isfinite(p2)
-                if border and finite:
-                    if p0 <= 0.0 or p0 >= n0 - 1:
-                        k0 = 0.0
-                        p0 = min(max(p0, 0.0), n0 - 1.0)
-                    if p1 <= 0.0 or p1 >= n1 - 1:
-                        k1 = 0.0
-                        p1 = min(max(p1, 0.0), n1 - 1.0)
-                    if p2 <= 0.0 or p2 >= n2 - 1:
-                        k2 = 0.0
-                        p2 = min(max(p2, 0.0), n2 - 1.0)
-                if not (finite and -1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2):
-                    # no corner inside: zero sample, zero gradient
-                    if backward:
-                        gu[0, x0, x1, x2] = 0.0
-                        gu[1, x0, x1, x2] = 0.0
-                        gu[2, x0, x1, x2] = 0.0
-                    else:
-                        for c in range(nc):
-                            out[x0, x1, x2, c] = 0.0
-                    continue
-                f0 = math.floor(p0)
-                f1 = math.floor(p1)
-                f2 = math.floor(p2)
-                i0 = int(f0)
-                i1 = int(f1)
-                i2 = int(f2)
-                t0 = p0 - f0
-                t1 = p1 - f1
-                t2 = p2 - f2
-                g0 = 0.0
-                g1 = 0.0
-                g2 = 0.0
-                if not backward:
-                    for c in range(nc):
-                        out[x0, x1, x2, c] = 0.0
-                for d0 in range(2):
-                    j0 = i0 + d0
-                    if j0 < 0 or j0 >= n0:
-                        continue
-                    w0 = t0 if d0 else 1.0 - t0
-                    s0 = 1.0 if d0 else -1.0  # d w0 / d p0
-                    for d1 in range(2):
-                        j1 = i1 + d1
-                        if j1 < 0 or j1 >= n1:
-                            continue
-                        w1 = t1 if d1 else 1.0 - t1
-                        s1 = 1.0 if d1 else -1.0
-                        for d2 in range(2):
-                            j2 = i2 + d2
-                            if j2 < 0 or j2 >= n2:
-                                continue
-                            w2 = t2 if d2 else 1.0 - t2
-                            s2 = 1.0 if d2 else -1.0
-                            if backward:
-                                dot = 0.0
-                                for c in range(nc):
-                                    dot += gout[x0, x1, x2, c] * img[j0, j1, j2, c]
-                                g0 += s0 * w1 * w2 * dot
-                                g1 += w0 * s1 * w2 * dot
-                                g2 += w0 * w1 * s2 * dot
-                            else:
-                                w = w0 * w1 * w2
-                                for c in range(nc):
-                                    out[x0, x1, x2, c] += w * img[j0, j1, j2, c]
+                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, n0, n1, n2)
                 if backward:
+                    g0 = g1 = g2 = 0.0
+                    if inside:
+                        g0, g1, g2 = _corners(img, p0, p1, p2, gout[x0, x1, x2], True)
                     gu[0, x0, x1, x2] = g0 * k0
                     gu[1, x0, x1, x2] = g1 * k1
                     gu[2, x0, x1, x2] = g2 * k2
+                elif inside:
+                    _corners(img, p0, p1, p2, out[x0, x1, x2], False)
+                else:
+                    for c in range(nc):
+                        out[x0, x1, x2, c] = 0.0
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _ssd(img, ref, u, border, cost, gu):  # pragma: no cover - compiled; tested via warp_ssd_cpu
+    """Fused warp and squared difference: ``cost[x] = sum_c (img(x + u[:, x])[c] - ref[x, c])**2``
+    and its gradient ``gu[k, x] = d cost[x] / d u_k``, in one pass (the warped image is never
+    stored). ``img``, ``ref`` ``(D0, D1, D2, C)``, ``u``, ``gu`` ``(3, D0, D1, D2)``, ``cost``
+    ``(D0, D1, D2)``."""
+    n0, n1, n2, nc = img.shape
+    for x0 in prange(n0):
+        vec = np.empty(nc, dtype=img.dtype)
+        for x1 in range(n1):
+            for x2 in range(n2):
+                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, n0, n1, n2)
+                if inside:
+                    _corners(img, p0, p1, p2, vec, False)
+                else:
+                    for c in range(nc):
+                        vec[c] = 0.0
+                acc = 0.0
+                for c in range(nc):
+                    d = vec[c] - ref[x0, x1, x2, c]
+                    acc += d * d
+                    vec[c] = 2.0 * d  # d cost / d sample_c
+                cost[x0, x1, x2] = acc
+                g0 = g1 = g2 = 0.0
+                if inside:
+                    g0, g1, g2 = _corners(img, p0, p1, p2, vec, True)
+                gu[0, x0, x1, x2] = g0 * k0
+                gu[1, x0, x1, x2] = g1 * k1
+                gu[2, x0, x1, x2] = g2 * k2
 
 
 def supports(image: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> bool:
@@ -185,3 +240,51 @@ def warp_cpu(image: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros
     """
     image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()  # free if channels-last
     return _Warp.apply(image_cl, flow, padding_mode == "border").permute(0, 4, 1, 2, 3)
+
+
+class _WarpSSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image_cl, ref_cl, flow, border):  # (B, D0, D1, D2, C) x2, (B, 3, ...)
+        u = flow.detach().contiguous()
+        batch = max(image_cl.shape[0], ref_cl.shape[0], u.shape[0])
+        cost = u.new_empty((batch, 1, *u.shape[2:]))
+        gu = u.new_empty((batch, *u.shape[1:]))
+        with torch_thread_count():
+            for b in range(batch):
+                _ssd(_item(image_cl, b), _item(ref_cl, b), _item(u, b), border,
+                     cost[b, 0].numpy(), gu[b].numpy())
+        ctx.save_for_backward(gu)
+        ctx.flow_batch = u.shape[0]
+        return cost
+
+    @staticmethod
+    def backward(ctx, grad_cost):
+        (gu,) = ctx.saved_tensors
+        g = grad_cost * gu  # (B, 1, ...) x (B, 3, ...)
+        if ctx.flow_batch == 1 and g.shape[0] > 1:
+            g = g.sum(dim=0, keepdim=True)
+        return None, None, g, None
+
+
+def warp_ssd_cpu(image: torch.Tensor, reference: torch.Tensor, flow: torch.Tensor,
+                 padding_mode: str = "zeros") -> torch.Tensor:
+    """``cost(x) = sum_c (image(x + flow(x))[c] - reference(x)[c])**2``, fused: the same as
+    ``(warp_cpu(image, flow) - reference).square().sum(1, keepdim=True)`` (to float rounding)
+    without storing the warped image, differentiable with respect to ``flow`` only.
+
+    Its gradient is computed with the cost (one pass over the corners per voxel), so a call
+    costs about what ``warp_cpu``'s forward and backward cost together, and none of the
+    subtraction, squaring and reduction passes over ``C`` channels that torch would make.
+
+    Args:
+        image: ``(B, C, D0, D1, D2)`` float32 or float64 on the CPU, no gradient (see
+            :func:`supports`), e.g. the moving image's MIND descriptors.
+        reference: same shape and dtype, no gradient (e.g. the fixed image's descriptors).
+        flow: ``(B, 3, D0, D1, D2)`` displacement in voxels, same dtype.
+        padding_mode: ``"zeros"`` or ``"border"`` (see the module docstring).
+    Returns:
+        ``(B, 1, D0, D1, D2)`` cost per voxel in squared image units.
+    """
+    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()
+    ref_cl = reference.detach().permute(0, 2, 3, 4, 1).contiguous()
+    return _WarpSSD.apply(image_cl, ref_cl, flow, padding_mode == "border")

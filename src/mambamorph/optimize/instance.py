@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from mambamorph.errors import InputError
-from mambamorph.nn.spatial import integrate_velocity, warp
+from mambamorph.nn.spatial import integrate_velocity
 from mambamorph.optimize.adam import Adam
-from mambamorph.similarity import mind_ssc, mind_ssd_loss
+from mambamorph.similarity import mind_ssc, warped_mind_ssd_loss
 
 __all__ = ["IOConfig", "IOResult", "instance_optimise"]
 
@@ -261,6 +261,9 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
             pool = g // int(cfg.mind_grid)
             fm = F.avg_pool3d(feat_m, pool) if pool > 1 else feat_m
             ff = F.avg_pool3d(feat_f, pool) if pool > 1 else feat_f
+            # channels-last once per level: the CPU kernels read the channels of a voxel together
+            fm = fm.contiguous(memory_format=torch.channels_last_3d)
+            ff = ff.contiguous(memory_format=torch.channels_last_3d)
             if v_level is not None:
                 v0 = _upsample_field(v_level, prev_s / s, size)
             elif start is not None:
@@ -277,7 +280,7 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
             opt.zero_grad()
             vs = _smooth(param, cfg.smooth_passes) / s  # level voxels
             disp = _upsample_field(integrate_velocity(vs, cfg.steps), s / g, sim_size)
-            sim = mind_ssd_loss(warp(fm, disp, padding_mode="border"), ff)
+            sim = warped_mind_ssd_loss(fm, ff, disp, padding_mode="border")
             loss = sim + cfg.lam * _diffusion(vs)
             value = float(loss.detach())
             if not math.isfinite(value):
