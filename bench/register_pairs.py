@@ -26,7 +26,12 @@ command's whole wall time, start-up included), that wall time, the mean seconds 
     python bench/register_pairs.py DATA --pairs 10 --batch --tag "batch, no IO" -- --no-io
 
 Arguments after ``--`` are passed to ``mambamorph register`` (and mapped onto ``register_files``
-for the in-process run). Prints one table row and appends a JSON line to ``--log``.
+for the in-process run). ``--io-config JSON`` sets :class:`IOConfig` fields of the in-process
+runs (settings the command has no flag for; tune them on ``--split val`` only):
+
+    python bench/register_pairs.py DATA --split val --pairs 6 --io-config '{"lam": 1.2}'
+
+Prints one table row and appends a JSON line to ``--log``.
 """
 
 from __future__ import annotations
@@ -140,12 +145,17 @@ def main(argv=None) -> int:
                    help="instead: one `mambamorph register --pairs` command for all the pairs "
                         "(network loaded once); prints pairs per minute")
     p.add_argument("--log", default="register_pairs.jsonl")
+    p.add_argument("--io-config", default=None, metavar="JSON",
+                   help="IOConfig fields for the in-process runs, e.g. '{\"lam\": 1.2}' (not "
+                        "with --commands or --batch, which run the command's own settings)")
     p.add_argument("--move", type=float, nargs=2, metavar=("DEG", "MM"), default=None,
                    help="move each moving image (and its labels) in world space by a random rigid "
                         "transform: a rotation of up to DEG degrees about a random axis through "
                         "its foreground centre and a shift of up to MM mm (new header, same "
                         "voxels; seeded per pair)")
     a = p.parse_args(argv)
+    if a.io_config and (a.commands or a.batch):
+        p.error("--io-config applies to the in-process runs only, not --commands or --batch")
 
     import torch
 
@@ -166,6 +176,11 @@ def main(argv=None) -> int:
             rows, batch = _batch(todo, Path(tmp), extra)
         else:
             kw = _kwargs(extra)
+            if a.io_config:
+                from mambamorph.optimize.instance import IOConfig
+
+                kw["io_config"] = IOConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in json.loads(a.io_config).items()})
             for k, (label, mov, fix, mseg, fseg) in enumerate(todo):
                 out = Path(tmp) / f"p{k}"
                 t0 = time.perf_counter()
@@ -186,6 +201,7 @@ def main(argv=None) -> int:
         return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
 
     summary = {"tag": a.tag, "split": a.split, "n": len(rows), "flags": extra,
+               "io_config": json.loads(a.io_config) if a.io_config else None,
                "threads": torch.get_num_threads(), **batch,
                **{k: ms(k) for k in ("dice", "sdlogj", "fold", "j02", "seconds",
                                      "command_seconds")}, "rows": rows}

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mambamorph.similarity import (MIND_OFFSET_PAIRS, lncc_loss, mi_loss, mind_ssc,
-                                   mind_ssd_loss, mutual_information, warped_mind_ssd_loss)
+                                   mind_ssd_loss, mutual_information, sampled_mind_ssd_loss,
+                                   warped_mind_ssd_loss)
 
 
 def _smooth_image(shape, seed, dtype=torch.float32):
@@ -162,6 +163,32 @@ def test_warped_mind_ssd_fused_path_equals_the_composition():
         assert torch.allclose(g_fused, g_comp, atol=1e-14, rtol=1e-10)
     with pytest.raises(ValueError, match="warped_mind_ssd_loss"):
         warped_mind_ssd_loss(a, b, flow[..., :8])
+
+
+def test_sampled_mind_ssd_fused_path_equals_grid_sample():
+    """MIND-SSD at chosen points (inside, outside: border padding) on the CPU fast path and on
+    the grid_sample path, float64; and at the points of the whole grid it is the warped loss."""
+    g = torch.Generator().manual_seed(4)
+    m = torch.rand(1, 6, 9, 10, 8, dtype=torch.float64, generator=g)
+    f = torch.rand(1, 6, 4, 5, 4, dtype=torch.float64, generator=g)
+    span = torch.tensor([12.0, 13.0, 11.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    pts = (torch.rand(1, 3, 4, 5, 4, dtype=torch.float64, generator=g) * span - 2.0)
+    pts.requires_grad_()
+    fused = sampled_mind_ssd_loss(m, f, pts)
+    g_fused, = torch.autograd.grad(fused, pts)
+    slow = sampled_mind_ssd_loss(m.clone().requires_grad_(), f, pts)  # grid_sample path
+    g_slow, = torch.autograd.grad(slow, pts)
+    assert fused.item() == pytest.approx(slow.item(), rel=1e-12)
+    assert torch.allclose(g_fused, g_slow, atol=1e-14, rtol=1e-10)
+    assert g_fused.abs().max() > 0
+    flow = torch.randn(1, 3, 9, 10, 8, dtype=torch.float64, generator=g)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (9, 10, 8)],
+                                      indexing="ij")).unsqueeze(0)
+    b = torch.rand(1, 6, 9, 10, 8, dtype=torch.float64, generator=g)
+    assert sampled_mind_ssd_loss(m, b, grid + flow).item() == pytest.approx(
+        warped_mind_ssd_loss(m, b, flow, "border").item(), rel=1e-12)
+    with pytest.raises(ValueError, match="sampled_mind_ssd_loss"):
+        sampled_mind_ssd_loss(m, f, pts[..., :3])
 
 # ---------------------------------------------------------------------------------- local NCC
 

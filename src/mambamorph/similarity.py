@@ -8,7 +8,8 @@ tensors; the MIND descriptor takes single-channel images ``(B, 1, D0, D1, D2)``.
   context (Heinrich et al., MICCAI 2013), 12 channels.
 - :func:`mind_ssd_loss` - mean squared difference of two MIND descriptors (the image term of
   ConvexAdam and of :mod:`mambamorph.optimize.instance`); :func:`warped_mind_ssd_loss` - the
-  same of the moving descriptors warped by a displacement (fused on the CPU).
+  same of the moving descriptors warped by a displacement, :func:`sampled_mind_ssd_loss` - at
+  chosen points (both fused on the CPU).
 - :func:`lncc_loss` - negative squared local normalised cross-correlation (monomodal).
 - :func:`mutual_information` / :func:`mi_loss` - Parzen-window (Gaussian soft histogram) mutual
   information, multimodal.
@@ -21,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from mambamorph.errors import InputError
-from mambamorph.nn.spatial import in_work_dtype, no_autocast, warp
+from mambamorph.nn.spatial import in_work_dtype, no_autocast, voxel_to_grid, warp
 
-__all__ = ["MIND_OFFSET_PAIRS", "mind_ssc", "mind_ssd_loss", "warped_mind_ssd_loss", "lncc_loss",
-           "mutual_information", "mi_loss"]
+__all__ = ["MIND_OFFSET_PAIRS", "mind_ssc", "mind_ssd_loss", "warped_mind_ssd_loss",
+           "sampled_mind_ssd_loss", "lncc_loss", "mutual_information", "mi_loss"]
 
 #: The 12 MIND-SSC comparisons: for each channel, the two six-neighbourhood unit offsets (along
 #: array axes 0, 1, 2) whose patches are compared. They are the 12 pairs of six-neighbourhood
@@ -173,6 +174,51 @@ def warped_mind_ssd_loss(moving_mind: torch.Tensor, fixed_mind: torch.Tensor, fl
             with no_autocast(flow.device):
                 return warp_cpu.warp_ssd_cpu(moving_mind, fixed_mind, flow, padding_mode).mean()
     return mind_ssd_loss(warp(moving_mind, flow, padding_mode=padding_mode), fixed_mind)
+
+
+def sampled_mind_ssd_loss(moving_mind: torch.Tensor, fixed_at_points: torch.Tensor,
+                          points: torch.Tensor) -> torch.Tensor:
+    """MIND-SSD at chosen points: ``mean_y sum_c (m_c(points(y)) - f_c(y))**2``.
+
+    The moving descriptors are sampled trilinearly (border padding) at ``points``; ``y`` runs
+    over the points' grid, e.g. one sub-lattice of the fixed grid, whose fixed descriptors the
+    caller passes. Instance optimisation uses it to evaluate the similarity on a different
+    sub-lattice of the image grid at each iteration (:class:`mambamorph.optimize.instance.IOConfig`
+    ``sim_strides``). On the CPU, for descriptors without gradient, a fused numba pass
+    (:func:`mambamorph.nn.warp_cpu.points_ssd_cpu`); elsewhere ``grid_sample``; both give the same
+    value and gradient to float rounding.
+
+    Args:
+        moving_mind: ``(B, C, D0, D1, D2)`` descriptors.
+        fixed_at_points: ``(B, C, E0, E1, E2)`` the fixed descriptors at the points.
+        points: ``(B, 3, E0, E1, E2)`` absolute positions in voxels of ``moving_mind``'s grid
+            (channel ``i`` along array axis ``i``).
+    Returns:
+        Scalar tensor, differentiable with respect to ``points`` (and to the descriptors on the
+        ``grid_sample`` path).
+    Raises:
+        InputError: shapes that do not match.
+    """
+    if moving_mind.dim() != 5 or fixed_at_points.dim() != 5 or points.dim() != 5 \
+            or points.shape[1] != 3 or fixed_at_points.shape[1] != moving_mind.shape[1] \
+            or points.shape[2:] != fixed_at_points.shape[2:]:
+        raise InputError(f"sampled_mind_ssd_loss: expected descriptors (B, C, D0, D1, D2) and "
+                         f"(B, C, E0, E1, E2) with points (B, 3, E0, E1, E2), got "
+                         f"{tuple(moving_mind.shape)}, {tuple(fixed_at_points.shape)} and "
+                         f"{tuple(points.shape)}")
+    from mambamorph.nn import warp_cpu  # noqa: PLC0415 - imports numba on first use
+
+    if (not fixed_at_points.requires_grad and fixed_at_points.dtype == moving_mind.dtype
+            and warp_cpu.supports(moving_mind, points, "bilinear", "border")):
+        with no_autocast(points.device):
+            return warp_cpu.points_ssd_cpu(moving_mind, fixed_at_points, points).mean()
+    with no_autocast(points.device):
+        m, f, p = in_work_dtype(moving_mind, fixed_at_points, points)
+        batch = max(m.shape[0], p.shape[0])
+        grid = voxel_to_grid(p, m.shape[2:]).expand(batch, -1, -1, -1, -1)
+        sampled = F.grid_sample(m.expand(batch, -1, -1, -1, -1), grid, mode="bilinear",
+                                padding_mode="border", align_corners=True)
+        return mind_ssd_loss(sampled, f)
 
 
 def lncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 9,

@@ -89,7 +89,7 @@ def _normalisation(sizes: tuple[int, ...], device: torch.device,
     return scale.view(1, 3, 1, 1, 1), offset.view(1, 3, 1, 1, 1)
 
 
-def voxel_to_grid(points: torch.Tensor) -> torch.Tensor:
+def voxel_to_grid(points: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
     """Convert voxel coordinates to ``grid_sample``'s normalised, axis-reversed coordinates.
 
     This is the single place where the package meets ``grid_sample``'s convention:
@@ -102,8 +102,9 @@ def voxel_to_grid(points: torch.Tensor) -> torch.Tensor:
 
     Args:
         points: ``(B, 3, D0, D1, D2)`` absolute voxel coordinates (channel ``i`` along array axis
-            ``i``) of the positions to sample, on a grid of shape ``(D0, D1, D2)``; the sizes used
-            for normalisation are the spatial sizes of ``points`` itself.
+            ``i``) of the positions to sample, on a grid of shape ``(D0, D1, D2)``.
+        shape: the spatial sizes of the image to be sampled, used for normalisation; default:
+            those of ``points`` itself (the image and the points share one grid).
     Returns:
         ``(B, D0, D1, D2, 3)`` normalised coordinates in ``points``' dtype.
     Raises:
@@ -112,7 +113,8 @@ def voxel_to_grid(points: torch.Tensor) -> torch.Tensor:
     if points.dim() != 5 or points.shape[1] != 3:
         raise InputError(f"voxel_to_grid: expected points (B, 3, D0, D1, D2), got "
                          f"{tuple(points.shape)}")
-    scale, offset = _normalisation(tuple(points.shape[2:]), points.device, points.dtype)
+    sizes = tuple(points.shape[2:]) if shape is None else tuple(int(n) for n in shape)
+    scale, offset = _normalisation(sizes, points.device, points.dtype)
     norm = points * scale + offset  # (B, 3, D0, D1, D2), channel i along axis i
     # (B, 3, D0, D1, D2) -> (B, D0, D1, D2, 3), then reverse to (x=D2, y=D1, z=D0)
     return norm.permute(0, 2, 3, 4, 1).flip(-1)

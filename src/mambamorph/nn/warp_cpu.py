@@ -39,7 +39,7 @@ from numba import njit, prange
 
 from mambamorph.nn.squaring_cpu import torch_thread_count
 
-__all__ = ["warp_cpu", "warp_ssd_cpu", "supports"]
+__all__ = ["warp_cpu", "warp_ssd_cpu", "points_ssd_cpu", "supports"]
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -155,13 +155,16 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
 def _ssd(img, ref, u, border, cost, gu):  # pragma: no cover - compiled; tested via warp_ssd_cpu
     """Fused warp and squared difference: ``cost[x] = sum_c (img(x + u[:, x])[c] - ref[x, c])**2``
     and its gradient ``gu[k, x] = d cost[x] / d u_k``, in one pass (the warped image is never
-    stored). ``img``, ``ref`` ``(D0, D1, D2, C)``, ``u``, ``gu`` ``(3, D0, D1, D2)``, ``cost``
-    ``(D0, D1, D2)``."""
+    stored). ``img`` ``(D0, D1, D2, C)``; ``ref`` ``(E0, E1, E2, C)``, ``u``, ``gu``
+    ``(3, E0, E1, E2)``, ``cost`` ``(E0, E1, E2)`` on a grid ``E`` whose index ``x`` is added to
+    ``u`` (``E = D`` for a warp; a smaller grid samples chosen points, see
+    :func:`points_ssd_cpu`)."""
     n0, n1, n2, nc = img.shape
-    for x0 in prange(n0):
+    m0, m1, m2 = cost.shape
+    for x0 in prange(m0):
         vec = np.empty(nc, dtype=img.dtype)
-        for x1 in range(n1):
-            for x2 in range(n2):
+        for x1 in range(m1):
+            for x2 in range(m2):
                 p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, n0, n1, n2)
                 if inside:
                     _corners(img, p0, p1, p2, vec, False)
@@ -288,3 +291,24 @@ def warp_ssd_cpu(image: torch.Tensor, reference: torch.Tensor, flow: torch.Tenso
     image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()
     ref_cl = reference.detach().permute(0, 2, 3, 4, 1).contiguous()
     return _WarpSSD.apply(image_cl, ref_cl, flow, padding_mode == "border")
+
+
+def points_ssd_cpu(image: torch.Tensor, reference: torch.Tensor,
+                   points: torch.Tensor) -> torch.Tensor:
+    """``cost(y) = sum_c (image(points(y))[c] - reference(y)[c])**2`` at chosen points, border
+    padding, fused as :func:`warp_ssd_cpu`; differentiable with respect to ``points`` only.
+
+    Args:
+        image: ``(B, C, D0, D1, D2)`` float32 or float64 on the CPU, no gradient.
+        reference: ``(B, C, E0, E1, E2)``, same dtype, no gradient: the values to compare with
+            at each point (e.g. the fixed descriptors at a sub-lattice of their grid).
+        points: ``(B, 3, E0, E1, E2)`` absolute positions in ``image`` voxels (channel ``i``
+            along array axis ``i``), same dtype.
+    Returns:
+        ``(B, 1, E0, E1, E2)`` cost per point.
+    """
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=points.dtype)
+                                        for n in points.shape[2:]], indexing="ij"))
+    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()
+    ref_cl = reference.detach().permute(0, 2, 3, 4, 1).contiguous()
+    return _WarpSSD.apply(image_cl, ref_cl, points - grid, True)

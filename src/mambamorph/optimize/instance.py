@@ -34,6 +34,7 @@ finite), never a broken field.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -44,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from mambamorph.errors import InputError
-from mambamorph.nn.spatial import integrate_velocity
+from mambamorph.nn.spatial import integrate_velocity, voxel_to_grid
 from mambamorph.optimize.adam import Adam
-from mambamorph.similarity import mind_ssc, warped_mind_ssd_loss
+from mambamorph.similarity import mind_ssc, sampled_mind_ssd_loss, warped_mind_ssd_loss
 
 __all__ = ["IOConfig", "IOResult", "instance_optimise"]
 
@@ -82,6 +83,11 @@ class IOConfig:
             (12 channels each).
         mind_grid: factor of the grid the MIND descriptors are computed on (1 = image grid,
             2 = the image average-pooled by 2); every level factor must be a multiple of it.
+        sim_strides: per level, the similarity is evaluated at every ``k``-th voxel of its grid
+            along each axis (one of the ``k**3`` sub-lattices, a different one at each
+            iteration, every one once per ``k**3`` iterations; see :func:`_lattice_order`), a
+            stochastic estimate of the whole-grid mean that costs ``k**3`` times less. Empty
+            (default): 1 at every level.
     """
 
     levels: tuple[int, ...] = (8, 4)
@@ -96,6 +102,7 @@ class IOConfig:
     mind_radius: int = 1
     mind_dilations: tuple[int, ...] = (1, 2)
     mind_grid: int = 1
+    sim_strides: tuple[int, ...] = ()
 
     def check(self, shape: tuple[int, int, int]) -> None:
         """Raise :class:`InputError` if the settings are inconsistent or do not fit ``shape``."""
@@ -124,6 +131,11 @@ class IOConfig:
                              f"{self.final!r}")
         if not self.mind_dilations:
             raise InputError("instance optimisation: expected at least one MIND dilation")
+        strides = tuple(self.sim_strides)
+        if strides and (len(strides) != len(levels)
+                        or any(int(k) != k or k < 1 for k in strides)):
+            raise InputError(f"instance optimisation: expected no similarity strides or one "
+                             f"integer >= 1 per level, got {strides} for levels {levels}")
 
 
 @dataclass
@@ -171,6 +183,35 @@ def _diffusion(v: torch.Tensor) -> torch.Tensor:
     return ((v[:, :, 1:] - v[:, :, :-1]).square().mean()
             + (v[:, :, :, 1:] - v[:, :, :, :-1]).square().mean()
             + (v[:, :, :, :, 1:] - v[:, :, :, :, :-1]).square().mean())
+
+
+def _lattice_order(k: int) -> list[tuple[int, int, int]]:
+    """The ``k**3`` offsets of the sub-lattices of stride ``k``, in the order iterations visit
+    them: offset number ``(i * p) mod k**3`` of ``itertools.product`` order at iteration ``i``,
+    with ``p`` the first integer from ``0.38 k**3`` coprime to ``k**3`` (consecutive iterations
+    sample far-apart lattices; every lattice once per cycle). ``k = 1``: ``[(0, 0, 0)]``."""
+    offsets = list(itertools.product(range(k), repeat=3))
+    n = len(offsets)
+    p = max(1, int(0.38 * n))
+    while math.gcd(p, n) != 1:
+        p += 1
+    return [offsets[(i * p) % n] for i in range(n)]
+
+
+def _lattices(ff: torch.Tensor, k: int, factor: float, size) -> list[tuple]:
+    """Per sub-lattice of stride ``k`` of the similarity grid (in :func:`_lattice_order`): the
+    fixed descriptors there ``(1, C, E0, E1, E2)`` (channels-last), the lattice points in
+    similarity voxels ``(1, 3, E0, E1, E2)`` and the ``grid_sample`` grid that reads a control
+    grid of ``size`` (``factor`` times coarser, cell-centred) at those points."""
+    out = []
+    for o in _lattice_order(k):
+        f_o = ff[:, :, o[0]::k, o[1]::k, o[2]::k].contiguous(memory_format=torch.channels_last_3d)
+        axes = [torch.arange(n, dtype=ff.dtype, device=ff.device) * k + o[i]
+                for i, n in enumerate(f_o.shape[2:])]
+        base = torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+        coarse = (base + 0.5) / factor - 0.5  # control-grid voxels (align_corners=False centres)
+        out.append((f_o, base, voxel_to_grid(coarse, size)))
+    return out
 
 
 def _check_image(img: torch.Tensor, name: str) -> None:
@@ -253,8 +294,9 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
     stopped = False
     v_level = None  # smoothed velocity of the previous level (its voxels), no grad
     prev_s = None
-    for s, g, n_iter in zip(cfg.levels, cfg.sim_grids, cfg.iterations):
-        s, g = int(s), int(g)
+    strides = tuple(cfg.sim_strides) or (1,) * len(cfg.levels)
+    for s, g, n_iter, k in zip(cfg.levels, cfg.sim_grids, cfg.iterations, strides):
+        s, g, k = int(s), int(g), int(k)
         size = tuple(n // s for n in shape)
         sim_size = tuple(n // g for n in shape)
         with torch.no_grad():
@@ -264,6 +306,7 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
             # channels-last once per level: the CPU kernels read the channels of a voxel together
             fm = fm.contiguous(memory_format=torch.channels_last_3d)
             ff = ff.contiguous(memory_format=torch.channels_last_3d)
+            lattices = _lattices(ff, k, s / g, size) if k > 1 else None
             if v_level is not None:
                 v0 = _upsample_field(v_level, prev_s / s, size)
             elif start is not None:
@@ -276,11 +319,18 @@ def instance_optimise(moving: torch.Tensor, fixed: torch.Tensor,
         param = (v0 * s).requires_grad_(True)
         opt = Adam([param], lr=cfg.lr)
         last_good = param.detach().clone()
-        for _ in range(int(n_iter)):
+        for it in range(int(n_iter)):
             opt.zero_grad()
             vs = _smooth(param, cfg.smooth_passes) / s  # level voxels
-            disp = _upsample_field(integrate_velocity(vs, cfg.steps), s / g, sim_size)
-            sim = warped_mind_ssd_loss(fm, ff, disp, padding_mode="border")
+            u = integrate_velocity(vs, cfg.steps)
+            if lattices is None:
+                disp = _upsample_field(u, s / g, sim_size)
+                sim = warped_mind_ssd_loss(fm, ff, disp, padding_mode="border")
+            else:  # one sub-lattice: u read at its points (= _upsample_field there)
+                f_o, base, grid_o = lattices[it % len(lattices)]
+                disp = F.grid_sample(u, grid_o, mode="bilinear", padding_mode="border",
+                                     align_corners=True) * (s / g)
+                sim = sampled_mind_ssd_loss(fm, f_o, base + disp)
             loss = sim + cfg.lam * _diffusion(vs)
             value = float(loss.detach())
             if not math.isfinite(value):
