@@ -18,7 +18,7 @@ from mambamorph.optimize.instance import IOConfig, instance_optimise
 
 ROIS = tuple(range(1, 17))  # compact ROI indices
 # a short IO: one level, so the tests stay fast
-SHORT_IO = IOConfig(levels=(4,), sim_grids=(2,), iterations=(3,))
+SHORT_IO = IOConfig(levels=(4,), sim_grids=(2,), iterations=(3,), sim_strides=(1,))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -53,12 +53,13 @@ def test_training_free_io_improves_over_the_identity(tiny_pair):
     word = ev.method_from_spec("io")
     assert word.name == "IO (training-free)" and word.kind == "optimisation"
     assert word.params is None and repr(IOConfig()) in word.source  # the defaults
-    cfg = IOConfig(iterations=(10, 10))  # levels 8, 4 on 32x48x32, fewer iterations
+    cfg = IOConfig()  # the defaults: levels 8, 4 on 32x48x32
     method = ev.io_method(cfg=cfg)
     flow = _run(method, tiny_pair)
     assert flow.shape == (1, 3, *tiny_pair["fixed"].shape[2:]) and flow.dtype == torch.float32
     initial = _dice(tiny_pair, torch.zeros_like(flow))
-    # measured on this pair: 54.7 -> 72.9
+    # measured on this pair: 54.7 -> 77.4 (with 10 + 10 iterations only 63.5: on one
+    # sub-lattice per iteration the similarity needs its 30 + 30 to converge)
     assert _dice(tiny_pair, flow) > initial + 10
     assert folding_percent(flow[0].numpy()) == 0
     # the runner is instance_optimise from the identity, nothing else

@@ -11,7 +11,7 @@ from mambamorph.optimize import instance as instance_mod
 
 SHAPE = (32, 32, 32)
 FAST = IOConfig(levels=(4, 2), sim_grids=(2, 1), iterations=(30, 30), mind_grid=1,
-                mind_dilations=(2,), lam=0.5)
+                mind_dilations=(2,), lam=0.5, sim_strides=(1, 1))
 
 
 def _blobs(seed):
@@ -113,7 +113,8 @@ def test_io_starts_from_a_given_velocity(pair):
     mov, fixed, *_ = pair
     v = _smooth_velocity(2, 1.5)
     # no iterations, no smoothing, full grid: the result is the start's exponential
-    cfg = IOConfig(levels=(1,), sim_grids=(1,), iterations=(0,), mind_grid=1, smooth_passes=0)
+    cfg = IOConfig(levels=(1,), sim_grids=(1,), iterations=(0,), mind_grid=1, smooth_passes=0,
+                   sim_strides=(1,))
     res = instance_optimise(mov, fixed, init_velocity=v, cfg=cfg)
     torch.testing.assert_close(res.velocity, v)
     torch.testing.assert_close(res.flow, integrate_velocity(v, 7))
@@ -171,6 +172,8 @@ def test_io_bad_input(pair):
                                                    mind_grid=1))
     with pytest.raises(InputError, match="one iteration count"):
         instance_optimise(mov, fixed, cfg=IOConfig(levels=(4, 2), iterations=(1,)))
+    with pytest.raises(InputError, match="similarity strides"):  # default strides: 2 levels
+        instance_optimise(mov, fixed, cfg=IOConfig(levels=(4,), sim_grids=(2,), iterations=(1,)))
     with pytest.raises(InputError, match="pooled by an integer factor"):
         instance_optimise(mov, fixed, init_velocity=torch.zeros(1, 3, 10, 10, 10), cfg=FAST)
     with pytest.raises(InputError, match=r"\(1, 1, D0, D1, D2\)"):

@@ -68,7 +68,7 @@ def test_the_pair_optimisers_do_not_import_torch_dynamo():
         "a = np.diag([2.0, 2.0, 2.0, 1.0])\n"
         "m, f = (rng.random((16, 16, 16)).astype(np.float32) for _ in range(2))\n"
         "align_affine(io.Volume.from_array(m, a), io.Volume.from_array(f, a), iterations=2)\n"
-        "cfg = IOConfig(levels=(4,), sim_grids=(2,), iterations=(2,))\n"
+        "cfg = IOConfig(levels=(4,), sim_grids=(2,), iterations=(2,), sim_strides=(1,))\n"
         "instance_optimise(torch.from_numpy(m)[None, None], torch.from_numpy(f)[None, None],\n"
         "                  cfg=cfg)\n"
         "print('torch._dynamo' in sys.modules)\n")
