@@ -11,6 +11,9 @@ pooled by a level factor ``s``). Each Adam iteration:
 3. loss = ``mind_ssd_loss(warp(M_g, u), F_g) + lam * sum_j mean((d_j v_s)**2)`` with ``M_g``,
    ``F_g`` the MIND-SSC descriptors of the moving and fixed images average-pooled to the
    similarity grid and ``d_j`` forward differences along array axis ``j`` (control voxels).
+   With a similarity stride ``k > 1`` (``IOConfig.sim_strides``) the MIND-SSD mean runs over one
+   sub-lattice of stride ``k`` of the similarity grid, a different one at each iteration, and
+   ``u`` is read at its points only (the same values as the upsampled field there).
 
 A control grid coarser than the similarity grid is what keeps an iteration cheap on a CPU: the
 integration and the smoothing (whose backward passes dominate) run on ``s**3`` times fewer voxels.
