@@ -37,8 +37,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)
-    image = torch.rand(1, a.channels, *a.grid, generator=g)
-    reference = torch.rand(1, a.channels, *a.grid, generator=g)
+    # channels-last, as instance optimisation keeps its descriptors
+    image = torch.rand(1, a.channels, *a.grid, generator=g).contiguous(
+        memory_format=torch.channels_last_3d)
+    reference = torch.rand(1, a.channels, *a.grid, generator=g).contiguous(
+        memory_format=torch.channels_last_3d)
     flow = (torch.randn(1, 3, *a.grid, generator=g) * 2).requires_grad_()
     paths = {"numba kernel": lambda: warp_cpu(image, flow, "border"),
              "grid_sample": lambda: _grid_sample(image, flow),
