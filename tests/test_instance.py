@@ -174,6 +174,9 @@ def test_io_bad_input(pair):
         instance_optimise(mov, fixed, cfg=IOConfig(levels=(4, 2), iterations=(1,)))
     with pytest.raises(InputError, match="similarity strides"):  # default strides: 2 levels
         instance_optimise(mov, fixed, cfg=IOConfig(levels=(4,), sim_grids=(2,), iterations=(1,)))
+    with pytest.raises(InputError, match="stride 2 does not fit"):  # a 1-voxel similarity grid
+        instance_optimise(mov, fixed, cfg=IOConfig(levels=(32,), sim_grids=(32,),
+                                                   iterations=(1,), sim_strides=(2,)))
     with pytest.raises(InputError, match="pooled by an integer factor"):
         instance_optimise(mov, fixed, init_velocity=torch.zeros(1, 3, 10, 10, 10), cfg=FAST)
     with pytest.raises(InputError, match=r"\(1, 1, D0, D1, D2\)"):

@@ -142,6 +142,11 @@ class IOConfig:
                         or any(int(k) != k or k < 1 for k in strides)):
             raise InputError(f"instance optimisation: expected no similarity strides or one "
                              f"integer >= 1 per level, got {strides} for levels {levels}")
+        for g, k in zip(sims, strides):
+            if any(n // g < k for n in shape):
+                raise InputError(f"instance optimisation: similarity stride {k} does not fit "
+                                 f"the similarity grid {tuple(n // g for n in shape)} (every "
+                                 f"axis needs at least {k} voxels)")
 
 
 @dataclass
