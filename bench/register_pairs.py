@@ -179,8 +179,7 @@ def main(argv=None) -> int:
             if a.io_config:
                 from mambamorph.optimize.instance import IOConfig
 
-                kw["io_config"] = IOConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                              for k, v in json.loads(a.io_config).items()})
+                kw["io_config"] = IOConfig.from_json(a.io_config)
             for k, (label, mov, fix, mseg, fseg) in enumerate(todo):
                 out = Path(tmp) / f"p{k}"
                 t0 = time.perf_counter()

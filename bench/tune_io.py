@@ -101,8 +101,7 @@ def main(argv=None) -> None:
 
     for method in args.method:
         kind, _, spec = method.partition(":")
-        cfg = IOConfig(**{k: tuple(v) if isinstance(v, list) else v
-                          for k, v in json.loads(spec or "{}").items()})
+        cfg = IOConfig.from_json(spec)
         rows = []
         for m, f in pairs:
             pair = ds.pair(m, f)

@@ -81,6 +81,18 @@ def test_io_on_sub_lattices_recovers_the_warp_too(pair):
     assert res.loss_curve[:30] == full.loss_curve[:30]
 
 
+def test_io_config_from_json():
+    cfg = IOConfig.from_json('{"lam": 1.2, "sim_strides": [1, 2]}')
+    assert cfg == IOConfig(lam=1.2, sim_strides=(1, 2))
+    assert IOConfig.from_json("") == IOConfig()
+    with pytest.raises(InputError, match="unknown fields"):
+        IOConfig.from_json('{"lambda": 1}')
+    with pytest.raises(InputError, match="not JSON"):
+        IOConfig.from_json("{lam: 1}")
+    with pytest.raises(InputError, match="JSON object"):
+        IOConfig.from_json("[1, 2]")
+
+
 def test_lattice_order_visits_every_sub_lattice_once_per_cycle():
     for k in (1, 2, 3):
         order = instance_mod._lattice_order(k)

@@ -43,13 +43,14 @@ __all__ = ["warp_cpu", "warp_ssd_cpu", "points_ssd_cpu", "supports"]
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def _position(u, x0, x1, x2, border, n0, n1, n2):  # pragma: no cover - compiled
-    """The sampling position of voxel ``x`` and the gradient factor of each coordinate (0 where
-    border padding clamps it); ``inside`` is False when no corner lies in the volume (or the
-    position is not finite): the sample is then 0 with gradient 0."""
-    p0 = x0 + u[0, x0, x1, x2]
-    p1 = x1 + u[1, x0, x1, x2]
-    p2 = x2 + u[2, x0, x1, x2]
+def _position(u, x0, x1, x2, border, absolute, n0, n1, n2):  # pragma: no cover - compiled
+    """The sampling position of voxel ``x``: ``x + u[:, x]``, or ``u[:, x]`` itself when
+    ``absolute``; and the gradient factor of each coordinate (0 where border padding clamps it);
+    ``inside`` is False when no corner lies in the volume (or the position is not finite): the
+    sample is then 0 with gradient 0."""
+    p0 = u[0, x0, x1, x2] if absolute else x0 + u[0, x0, x1, x2]
+    p1 = u[1, x0, x1, x2] if absolute else x1 + u[1, x0, x1, x2]
+    p2 = u[2, x0, x1, x2] if absolute else x2 + u[2, x0, x1, x2]
     k0 = 1.0
     k1 = 1.0
     k2 = 1.0
@@ -136,7 +137,8 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
     for x0 in prange(n0):
         for x1 in range(n1):
             for x2 in range(n2):
-                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, n0, n1, n2)
+                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, False,
+                                                           n0, n1, n2)
                 if backward:
                     g0 = g1 = g2 = 0.0
                     if inside:
@@ -152,20 +154,20 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _ssd(img, ref, u, border, cost, gu):  # pragma: no cover - compiled; tested via warp_ssd_cpu
-    """Fused warp and squared difference: ``cost[x] = sum_c (img(x + u[:, x])[c] - ref[x, c])**2``
-    and its gradient ``gu[k, x] = d cost[x] / d u_k``, in one pass (the warped image is never
-    stored). ``img`` ``(D0, D1, D2, C)``; ``ref`` ``(E0, E1, E2, C)``, ``u``, ``gu``
-    ``(3, E0, E1, E2)``, ``cost`` ``(E0, E1, E2)`` on a grid ``E`` whose index ``x`` is added to
-    ``u`` (``E = D`` for a warp; a smaller grid samples chosen points, see
-    :func:`points_ssd_cpu`)."""
+def _ssd(img, ref, u, border, absolute, cost, gu):  # pragma: no cover - compiled; tested
+    """Fused sampling and squared difference: ``cost[x] = sum_c (img(p(x))[c] - ref[x, c])**2``
+    with ``p(x) = x + u[:, x]`` (a warp, ``E = D``) or ``u[:, x]`` itself when ``absolute``
+    (chosen points), and its gradient ``gu[k, x] = d cost[x] / d u_k``, in one pass (the
+    sampled image is never stored). ``img`` ``(D0, D1, D2, C)``; ``ref`` ``(E0, E1, E2, C)``,
+    ``u``, ``gu`` ``(3, E0, E1, E2)``, ``cost`` ``(E0, E1, E2)``."""
     n0, n1, n2, nc = img.shape
     m0, m1, m2 = cost.shape
     for x0 in prange(m0):
         vec = np.empty(nc, dtype=img.dtype)
         for x1 in range(m1):
             for x2 in range(m2):
-                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, n0, n1, n2)
+                p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, absolute,
+                                                           n0, n1, n2)
                 if inside:
                     _corners(img, p0, p1, p2, vec, False)
                 else:
@@ -225,6 +227,12 @@ class _Warp(torch.autograd.Function):
         return None, gu, None
 
 
+def _channels_last(image: torch.Tensor) -> torch.Tensor:
+    """``(B, C, D0, D1, D2)`` -> a ``(B, D0, D1, D2, C)`` contiguous view (free when the image
+    is already in channels-last memory), detached: the kernels' layout."""
+    return image.detach().permute(0, 2, 3, 4, 1).contiguous()
+
+
 def _item(t: torch.Tensor, b: int) -> np.ndarray:
     """Sample ``b`` of a batch as a numpy view (a batch of 1 serves every sample)."""
     return t[b if t.shape[0] > 1 else 0].numpy()
@@ -241,20 +249,20 @@ def warp_cpu(image: torch.Tensor, flow: torch.Tensor, padding_mode: str = "zeros
     Returns:
         ``(B, C, D0, D1, D2)`` in ``image``'s dtype, channels-last memory.
     """
-    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()  # free if channels-last
-    return _Warp.apply(image_cl, flow, padding_mode == "border").permute(0, 4, 1, 2, 3)
+    out = _Warp.apply(_channels_last(image), flow, padding_mode == "border")
+    return out.permute(0, 4, 1, 2, 3)
 
 
 class _WarpSSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image_cl, ref_cl, flow, border):  # (B, D0, D1, D2, C) x2, (B, 3, ...)
+    def forward(ctx, image_cl, ref_cl, flow, border, absolute):  # (B, ..., C) x2, (B, 3, ...)
         u = flow.detach().contiguous()
         batch = max(image_cl.shape[0], ref_cl.shape[0], u.shape[0])
         cost = u.new_empty((batch, 1, *u.shape[2:]))
         gu = u.new_empty((batch, *u.shape[1:]))
         with torch_thread_count():
             for b in range(batch):
-                _ssd(_item(image_cl, b), _item(ref_cl, b), _item(u, b), border,
+                _ssd(_item(image_cl, b), _item(ref_cl, b), _item(u, b), border, absolute,
                      cost[b, 0].numpy(), gu[b].numpy())
         ctx.save_for_backward(gu)
         ctx.flow_batch = u.shape[0]
@@ -266,7 +274,7 @@ class _WarpSSD(torch.autograd.Function):
         g = grad_cost * gu  # (B, 1, ...) x (B, 3, ...)
         if ctx.flow_batch == 1 and g.shape[0] > 1:
             g = g.sum(dim=0, keepdim=True)
-        return None, None, g, None
+        return None, None, g, None, None
 
 
 def warp_ssd_cpu(image: torch.Tensor, reference: torch.Tensor, flow: torch.Tensor,
@@ -288,9 +296,8 @@ def warp_ssd_cpu(image: torch.Tensor, reference: torch.Tensor, flow: torch.Tenso
     Returns:
         ``(B, 1, D0, D1, D2)`` cost per voxel in squared image units.
     """
-    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()
-    ref_cl = reference.detach().permute(0, 2, 3, 4, 1).contiguous()
-    return _WarpSSD.apply(image_cl, ref_cl, flow, padding_mode == "border")
+    return _WarpSSD.apply(_channels_last(image), _channels_last(reference), flow,
+                          padding_mode == "border", False)
 
 
 def points_ssd_cpu(image: torch.Tensor, reference: torch.Tensor,
@@ -307,8 +314,4 @@ def points_ssd_cpu(image: torch.Tensor, reference: torch.Tensor,
     Returns:
         ``(B, 1, E0, E1, E2)`` cost per point.
     """
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=points.dtype)
-                                        for n in points.shape[2:]], indexing="ij"))
-    image_cl = image.detach().permute(0, 2, 3, 4, 1).contiguous()
-    ref_cl = reference.detach().permute(0, 2, 3, 4, 1).contiguous()
-    return _WarpSSD.apply(image_cl, ref_cl, points - grid, True)
+    return _WarpSSD.apply(_channels_last(image), _channels_last(reference), points, True, True)

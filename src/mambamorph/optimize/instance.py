@@ -38,6 +38,7 @@ finite), never a broken field.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import time
@@ -109,6 +110,24 @@ class IOConfig:
     mind_dilations: tuple[int, ...] = (1, 2)
     mind_grid: int = 1
     sim_strides: tuple[int, ...] = (2, 2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IOConfig":
+        """Settings from a JSON object of field names (lists become tuples), e.g.
+        ``'{"lam": 1.2, "sim_strides": [2, 2]}'``; the other fields keep their defaults.
+        Raises :class:`InputError` for text that is not such an object or names no field."""
+        try:
+            fields = json.loads(text or "{}")
+        except json.JSONDecodeError as e:
+            raise InputError(f"instance optimisation settings: not JSON ({e}): {text!r}") from e
+        if not isinstance(fields, dict):
+            raise InputError(f"instance optimisation settings: expected a JSON object, got "
+                             f"{text!r}")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"instance optimisation settings: unknown fields {unknown}; "
+                             f"known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
     def check(self, shape: tuple[int, int, int]) -> None:
         """Raise :class:`InputError` if the settings are inconsistent or do not fit ``shape``."""
