@@ -31,6 +31,14 @@ runs (settings the command has no flag for; tune them on ``--split val`` only):
 
     python bench/register_pairs.py DATA --split val --pairs 6 --io-config '{"lam": 1.2}'
 
+``--free-grid MM G0 G1 G2`` runs the training-free path (``-- --no-model``) on another grid than
+2 mm 96x112x96, e.g. the 1 mm probe of docs/results.md ("The same table at 1 mm"):
+
+    python bench/register_pairs.py phantom-1mm --split val --pairs 6 \
+        --free-grid 1 192 224 192 --io-config \
+        '{"levels": [16, 8], "sim_grids": [4, 2], "lr": 2.0, "mind_dilations": [2, 4]}' \
+        -- --no-model
+
 Prints one table row and appends a JSON line to ``--log``.
 """
 
@@ -153,14 +161,27 @@ def main(argv=None) -> int:
                         "transform: a rotation of up to DEG degrees about a random axis through "
                         "its foreground centre and a shift of up to MM mm (new header, same "
                         "voxels; seeded per pair)")
+    p.add_argument("--free-grid", type=float, nargs=4, metavar=("MM", "G0", "G1", "G2"),
+                   default=None,
+                   help="the grid the training-free path (-- --no-model) runs on in the "
+                        "in-process runs, instead of 2 mm 96x112x96: spacing in mm and shape "
+                        "(an experiment; scale --io-config's voxel lengths with it)")
     a = p.parse_args(argv)
-    if a.io_config and (a.commands or a.batch):
-        p.error("--io-config applies to the in-process runs only, not --commands or --batch")
+    if (a.io_config or a.free_grid) and (a.commands or a.batch):
+        p.error("--io-config and --free-grid apply to the in-process runs only, not --commands "
+                "or --batch")
+    if a.free_grid and "--no-model" not in extra:
+        p.error("--free-grid sets the training-free path's grid: pass -- --no-model")
 
     import torch
 
     from mambamorph.data.datasets import SRRegDataset, test_pairs
+    from mambamorph import register as register_module
     from mambamorph.register import register_files
+
+    if a.free_grid:  # read by the training-free path when it builds its grid
+        register_module.DEFAULT_SPACING = (a.free_grid[0],) * 3
+        register_module.DEFAULT_GRID = tuple(int(g) for g in a.free_grid[1:])
 
     ds = SRRegDataset(a.data, split=a.split, moving=a.moving, fixed=a.fixed)
     pairs = test_pairs(ds.subjects, a.pairs, a.seed)
@@ -201,6 +222,7 @@ def main(argv=None) -> int:
 
     summary = {"tag": a.tag, "split": a.split, "n": len(rows), "flags": extra,
                "io_config": json.loads(a.io_config) if a.io_config else None,
+               "free_grid": a.free_grid,
                "threads": torch.get_num_threads(), **batch,
                **{k: ms(k) for k in ("dice", "sdlogj", "fold", "j02", "seconds",
                                      "command_seconds")}, "rows": rows}
