@@ -175,8 +175,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from mambamorph.data.datasets import SRRegDataset, test_pairs
     from mambamorph import register as register_module
+    from mambamorph.data.datasets import SRRegDataset, test_pairs
     from mambamorph.register import register_files
 
     if a.free_grid:  # read by the training-free path when it builds its grid
