@@ -186,6 +186,18 @@ def test_stages_can_be_switched_off():
     np.testing.assert_array_equal(res.matrix, res.rigid)
 
 
+def test_levels_keep_their_size_in_mm():
+    """register's shrink factors pool any fixed image to about 8 and 4 mm (2 mm -> 4, 2)."""
+    data = np.zeros((4, 4, 4), np.float32)
+    for spacing, want in [((2.0, 2.0, 2.0), (4, 2)), ((1.0, 1.0, 1.0), (8, 4)),
+                          ((1.0, 1.0, 3.0), (8, 4)), ((3.5, 3.5, 3.5), (2, 1)),
+                          ((10.0, 10.0, 10.0), (1, 1))]:
+        vol = io.Volume.from_array(data, np.diag([*spacing, 1.0]))
+        assert aff.levels_for(vol) == want, spacing
+    assert aff.levels_for(io.Volume.from_array(data, np.diag([0.5, 0.5, 0.5, 1.0])),
+                          levels_mm=(6.0, 3.0, 1.0)) == (12, 6, 2)
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_constant_image_is_refused():
     a = np.eye(4)

@@ -66,7 +66,7 @@ from mambamorph.data.preprocess import minmax, resample_array
 from mambamorph.errors import InputError
 from mambamorph.io import Volume, atomic_write_bytes, read_labels, read_volume, write_itk_affine
 from mambamorph.metrics import sdlogj_of_determinant
-from mambamorph.optimize.affine import align_affine
+from mambamorph.optimize.affine import align_affine, levels_for
 from mambamorph.optimize.instance import IOConfig, instance_optimise
 from mambamorph.register_products import WORKERS, stage, write_products
 from mambamorph.runtime import Timer, resolve_device, resolve_precision
@@ -321,7 +321,8 @@ class Registrar:
             aff = None
             if align != "none":
                 with stage(stages, "affine"):
-                    aff = align_affine(mov, fix, affine=align == "affine")
+                    aff = align_affine(mov, fix, affine=align == "affine",
+                                       levels=levels_for(fix))
                 notes += aff.warnings
             with stage(stages, "model space + resample to it"):
                 space, defaulted, mov_t, fix_t = _to_model_space(pool, net, info, ckpt, mov, fix,

@@ -44,8 +44,8 @@ from mambamorph.io import Volume
 from mambamorph.nn.spatial import identity_grid
 from mambamorph.optimize.adam import Adam, cosine_lr
 
-__all__ = ["AffineResult", "SCALE_BOUNDS", "MAX_ANISOTROPY", "align_affine",
-           "check_linear", "compose_affine_displacement"]
+__all__ = ["AffineResult", "SCALE_BOUNDS", "MAX_ANISOTROPY", "LEVELS_MM", "align_affine",
+           "check_linear", "compose_affine_displacement", "levels_for"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 SCALE_BOUNDS = (0.5, 2.0)
 #: accepted ratio of the largest to the smallest singular value (shear / anisotropic scaling).
 MAX_ANISOTROPY = 2.0
+#: voxel sizes (mm) of the pooled fixed grids ``register`` aligns on, coarse to fine: the shrink
+#: factors 4 and 2 measured on 2 mm images (docs/affine.md), kept in mm for any resolution.
+LEVELS_MM = (8.0, 4.0)
 
 _SLAB = 16
 
@@ -123,6 +126,18 @@ def _check_image(vol: Volume, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ public API
+def levels_for(fixed: Volume, levels_mm: Sequence[float] = LEVELS_MM) -> tuple[int, ...]:
+    """Shrink factors for :func:`align_affine` whose pooled fixed grids have about the voxel
+    sizes ``levels_mm`` (mm, coarse to fine): ``max(1, round(mm / smallest fixed spacing))``.
+
+    A 2 mm image gets ``(4, 2)``, a 1 mm image ``(8, 4)``: the same grids in mm, so a 1 mm pair
+    costs about what a 2 mm pair does (7.0 s against 1 s on 2 cores with ``(4, 2)`` at 1 mm,
+    docs/results.md, "The affine stage at 1 mm").
+    """
+    finest = float(min(fixed.spacing))
+    return tuple(max(1, int(round(float(mm) / finest))) for mm in levels_mm)
+
+
 def align_affine(moving: Volume, fixed: Volume, rigid: bool = True, affine: bool = True,
                  levels: Sequence[int] = (4, 2), iterations: int = 30, bins: int = 32,
                  sampling: float = 0.1, seed: int = 0) -> AffineResult:
