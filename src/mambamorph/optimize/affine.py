@@ -128,11 +128,17 @@ def _check_image(vol: Volume, what: str) -> None:
 # ------------------------------------------------------------------------------ public API
 def levels_for(fixed: Volume, levels_mm: Sequence[float] = LEVELS_MM) -> tuple[int, ...]:
     """Shrink factors for :func:`align_affine` whose pooled fixed grids have about the voxel
-    sizes ``levels_mm`` (mm, coarse to fine): ``max(1, round(mm / smallest fixed spacing))``.
+    sizes ``levels_mm``: ``max(1, round(mm / smallest fixed spacing))`` per level.
 
-    A 2 mm image gets ``(4, 2)``, a 1 mm image ``(8, 4)``: the same grids in mm, so a 1 mm pair
-    costs about what a 2 mm pair does (7.0 s against 1 s on 2 cores with ``(4, 2)`` at 1 mm,
-    docs/results.md, "The affine stage at 1 mm").
+    A 2 mm image gets ``(4, 2)``, a 1 mm image ``(8, 4)``: the same grids in mm at any
+    resolution. (With ``(4, 2)`` on 1 mm images the stage took 7.0 s per pair on 2 cores, against
+    about 1 s for 2 mm images; docs/results.md, "The affine stage at 1 mm".)
+
+    Args:
+        fixed: the fixed image (its voxel sizes in mm, :attr:`Volume.spacing`).
+        levels_mm: pooled voxel sizes in mm, coarse to fine.
+    Returns:
+        One shrink factor (int >= 1) per level, for ``align_affine(levels=...)``.
     """
     finest = float(min(fixed.spacing))
     return tuple(max(1, int(round(float(mm) / finest))) for mm in levels_mm)
