@@ -34,6 +34,7 @@ def main() -> None:
     import mambamorph.train as train_module
     from mambamorph import similarity as sim
     from mambamorph.config import DataConfig, TrainConfig
+    from mambamorph.losses import _pyramid
     from mambamorph.nn.spatial import warp
 
     def head(fixed):
@@ -41,9 +42,7 @@ def main() -> None:
 
     def masked_image_loss(name, moving, fixed, flow, scales=(1,)):
         total = 0.0
-        for s in scales:
-            m, f, u = ((moving, fixed, flow) if s == 1 else
-                       (F.avg_pool3d(moving, s), F.avg_pool3d(fixed, s), F.avg_pool3d(flow, s) / s))
+        for _, (m, f), u in _pyramid(flow, scales, moving, fixed):  # train's own pooling
             total = total + sim.mind_ssd_loss(sim.mind_ssc(warp(m, u)), sim.mind_ssc(f),
                                               mask=head(f))
         return total / len(scales)
