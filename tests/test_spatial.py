@@ -348,9 +348,30 @@ def test_cpu_squaring_kernel_matches_grid_sample_float64(shape):
     assert torch.equal(square_cpu(disp, 0), disp)
 
 
+@pytest.mark.parametrize("shape", [(9, 10, 11), (1, 8, 9), (7, 1, 1), (12, 9, 2)])
+def test_cpu_squaring_gradient_matches_grid_sample_float64(shape):
+    """The squarings with autograd on the CPU (SquareSteps: the numba kernel forward, its own
+    backward) against autograd through grid_sample, float64: values and gradients, a field
+    that reaches out of the volume (zero padding), axes of one and two voxels, batch 2."""
+    from mambamorph.nn.squaring_cpu import SquareSteps
+
+    g = torch.Generator().manual_seed(2)
+    disp = (torch.rand(2, 3, *shape, dtype=torch.float64, generator=g) - 0.5) * 5.0
+    weight = torch.randn(2, 3, *shape, dtype=torch.float64, generator=g)
+    a = disp.clone().requires_grad_()
+    b = disp.clone().requires_grad_()
+    out = SquareSteps.apply(a, 3)
+    ref = _squarings_by_grid_sample(b, 3)
+    assert torch.allclose(out, ref, atol=1e-11, rtol=0)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-9, rtol=1e-11)
+    assert b.grad.abs().max() > 1.0
+
+
 def test_integrate_velocity_paths_agree():
-    """integrate_velocity without autograd (numba kernel), with autograd (grid_sample in its own
-    coordinates) and the plain loop over warp give one field: float64 to 1e-11, float32 to
+    """integrate_velocity without autograd (numba kernel), with autograd (numba kernel and its
+    backward) and the plain loop over warp give one field: float64 to 1e-11, float32 to
     float rounding amplified by the squarings."""
     v64 = _smooth_field((20, 22, 18), 6.0, seed=4, dtype=torch.float64)
     ref = _squarings_by_grid_sample(v64 / 2 ** 7, 7)

@@ -218,10 +218,10 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     ``u = v / 2**steps``, then ``steps`` times ``u <- u + warp(u, u)`` (self-composition of the
     map ``x -> x + u(x)``), giving an approximation of the displacement of ``exp(v)``.
     The computation is in float32 (float64 for a float64 input) with trilinear sampling and zero
-    padding, as voxelmorph. ``steps == 0`` returns the velocity itself. On the CPU, when no
-    gradient is needed, the squarings run in the numba kernel of
-    :mod:`mambamorph.nn.squaring_cpu` (the same numbers to float rounding, ~4x faster; the
-    result is then in channels-last memory).
+    padding, as voxelmorph. ``steps == 0`` returns the velocity itself. On the CPU the
+    squarings run in the numba kernels of :mod:`mambamorph.nn.squaring_cpu` (the same numbers
+    and, with a gradient, the same gradients to float rounding; about 4x faster than
+    ``grid_sample``; the result is then in channels-last memory).
 
     Args:
         velocity: ``(B, 3, D0, D1, D2)`` velocity in voxels.
@@ -239,9 +239,11 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     disp = velocity.to(_work_dtype(velocity)) / (2.0 ** int(steps))
     if steps == 0:
         return disp
-    if disp.device.type == "cpu" and not (torch.is_grad_enabled() and disp.requires_grad):
-        from mambamorph.nn.squaring_cpu import square_cpu  # imports numba on first use
+    if disp.device.type == "cpu":
+        from mambamorph.nn.squaring_cpu import SquareSteps, square_cpu  # imports numba
 
+        if torch.is_grad_enabled() and disp.requires_grad:
+            return SquareSteps.apply(disp, int(steps))
         return square_cpu(disp, int(steps))
     with no_autocast(disp.device):
         # The squarings run in grid_sample's own convention (normalised units, channels
