@@ -153,7 +153,60 @@ def _sample(img, u, border, out, gout, gu):  # pragma: no cover - compiled; test
                         out[x0, x1, x2, c] = 0.0
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(inline="always", cache=True, error_model="numpy")
+def _ssd_interior(img, ref, x0, x1, x2, p0, p1, p2):  # pragma: no cover - compiled
+    """Squared difference at a position whose eight corners all lie in the volume
+    (``0 <= p_k < n_k - 1``): ``(cost, g0, g1, g2)`` with ``cost = sum_c (img(p)[c] -
+    ref[x, c])**2`` and ``g_k = d cost / d p_k``. One pass over the channels reads each corner
+    value once and forms the sample and its three partial derivatives together (the general
+    :func:`_corners` path reads the corners twice, with bounds checks), in ``img``'s dtype."""
+    i0 = int(p0)
+    i1 = int(p1)
+    i2 = int(p2)
+    zero = img[0, 0, 0, 0] * 0
+    t0 = zero + (p0 - i0)
+    t1 = zero + (p1 - i1)
+    t2 = zero + (p2 - i2)
+    r0 = 1 - t0
+    r1 = 1 - t1
+    r2 = 1 - t2
+    acc = zero
+    g0 = zero
+    g1 = zero
+    g2 = zero
+    for c in range(img.shape[3]):
+        v000 = img[i0, i1, i2, c]
+        v001 = img[i0, i1, i2 + 1, c]
+        v010 = img[i0, i1 + 1, i2, c]
+        v011 = img[i0, i1 + 1, i2 + 1, c]
+        v100 = img[i0 + 1, i1, i2, c]
+        v101 = img[i0 + 1, i1, i2 + 1, c]
+        v110 = img[i0 + 1, i1 + 1, i2, c]
+        v111 = img[i0 + 1, i1 + 1, i2 + 1, c]
+        a00 = v000 * r2 + v001 * t2  # along axis 2: values ...
+        a01 = v010 * r2 + v011 * t2
+        a10 = v100 * r2 + v101 * t2
+        a11 = v110 * r2 + v111 * t2
+        b00 = v001 - v000  # ... and their derivatives along axis 2
+        b01 = v011 - v010
+        b10 = v101 - v100
+        b11 = v111 - v110
+        c0 = a00 * r1 + a01 * t1  # along axis 1
+        c1 = a10 * r1 + a11 * t1
+        e0 = a01 - a00
+        e1 = a11 - a10
+        f0 = b00 * r1 + b01 * t1
+        f1 = b10 * r1 + b11 * t1
+        d = c0 * r0 + c1 * t0 - ref[x0, x1, x2, c]  # along axis 0
+        acc += d * d
+        g0 += d * (c1 - c0)
+        g1 += d * (e0 * r0 + e1 * t0)
+        g2 += d * (f0 * r0 + f1 * t0)
+    return acc, 2 * g0, 2 * g1, 2 * g2
+
+
+@njit(parallel=True, cache=True, error_model="numpy",
+      fastmath={"reassoc", "contract", "nsz", "arcp"})
 def _ssd(img, ref, u, border, absolute, cost, gu):  # pragma: no cover - compiled; tested
     """Fused sampling and squared difference: ``cost[x] = sum_c (img(p(x))[c] - ref[x, c])**2``
     with ``p(x) = x + u[:, x]`` (a warp, ``E = D``) or ``u[:, x]`` itself when ``absolute``
@@ -168,6 +221,14 @@ def _ssd(img, ref, u, border, absolute, cost, gu):  # pragma: no cover - compile
             for x2 in range(m2):
                 p0, p1, p2, k0, k1, k2, inside = _position(u, x0, x1, x2, border, absolute,
                                                            n0, n1, n2)
+                if (inside and k0 * k1 * k2 == 1.0 and 0.0 <= p0 < n0 - 1
+                        and 0.0 <= p1 < n1 - 1 and 0.0 <= p2 < n2 - 1):
+                    acc, g0, g1, g2 = _ssd_interior(img, ref, x0, x1, x2, p0, p1, p2)
+                    cost[x0, x1, x2] = acc
+                    gu[0, x0, x1, x2] = g0
+                    gu[1, x0, x1, x2] = g1
+                    gu[2, x0, x1, x2] = g2
+                    continue
                 if inside:
                     _corners(img, p0, p1, p2, vec, False)
                 else:
