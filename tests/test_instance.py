@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from mambamorph.errors import InputError
 from mambamorph.metrics import dice_per_roi, folding_percent
-from mambamorph.nn.spatial import integrate_velocity, warp
+from mambamorph.nn.spatial import integrate_velocity, voxel_to_grid, warp
 from mambamorph.optimize import IOConfig, instance_optimise
 from mambamorph.optimize import instance as instance_mod
 
@@ -101,8 +101,9 @@ def test_lattice_order_visits_every_sub_lattice_once_per_cycle():
 
 
 def test_lattice_points_read_the_upsampled_field_exactly():
-    """The displacement IO reads at a sub-lattice's points (grid_sample of the control grid)
-    equals the control field upsampled to the similarity grid (_upsample_field) and sliced;
+    """The displacement IO reads at a sub-lattice's points (three 1D interpolations of the
+    control grid) equals the control field upsampled to the similarity grid (_upsample_field)
+    and sliced, and grid_sample with border padding at those points, values and gradients;
     the fixed descriptors and the points are that lattice's."""
     g = torch.Generator().manual_seed(3)
     u = torch.randn(1, 3, 6, 7, 5, dtype=torch.float64, generator=g)
@@ -110,16 +111,37 @@ def test_lattice_points_read_the_upsampled_field_exactly():
     full = instance_mod._upsample_field(u, 4.0, (24, 28, 20))
     lattices = instance_mod._lattices(ff, 2, 4.0, (6, 7, 5))
     assert len(lattices) == 8
-    for (f_o, base, grid), o in zip(lattices, instance_mod._lattice_order(2)):
+    for (f_o, base, weights), o in zip(lattices, instance_mod._lattice_order(2)):
         sl = (slice(None), slice(None), slice(o[0], None, 2), slice(o[1], None, 2),
               slice(o[2], None, 2))
-        disp = F.grid_sample(u, grid, mode="bilinear", padding_mode="border",
-                             align_corners=True) * 4.0
+        ua = u.clone().requires_grad_(True)
+        disp = instance_mod._read_separable(ua, weights) * 4.0
         torch.testing.assert_close(disp, full[sl], atol=1e-12, rtol=0)
+        ub = u.clone().requires_grad_(True)
+        coarse = (base + 0.5) / 4.0 - 0.5
+        ref = F.grid_sample(ub, voxel_to_grid(coarse, (6, 7, 5)), mode="bilinear",
+                            padding_mode="border", align_corners=True) * 4.0
+        torch.testing.assert_close(disp, ref, atol=1e-12, rtol=0)
+        w = torch.randn(disp.shape, dtype=torch.float64, generator=g)
+        (disp * w).sum().backward()
+        (ref * w).sum().backward()
+        torch.testing.assert_close(ua.grad, ub.grad, atol=1e-12, rtol=0)
         assert torch.equal(f_o, ff[sl])
         assert torch.equal(base[0, :, 0, 0, 0], torch.tensor(o, dtype=torch.float64))
         assert torch.equal(base[0, 0, 1, 0, 0] - base[0, 0, 0, 0, 0], torch.tensor(2.0,
                                                                                    dtype=torch.float64))
+
+
+def test_axis_weights_clamp_at_the_border_and_sum_to_one():
+    w = instance_mod._axis_weights(torch.tensor([-0.7, 0.0, 0.25, 2.5, 3.0, 4.2],
+                                                dtype=torch.float64), 4)
+    torch.testing.assert_close(w.sum(1), torch.ones(6, dtype=torch.float64))
+    assert w[0, 0] == 1 and w[1, 0] == 1 and w[4, 3] == 1 and w[5, 3] == 1
+    torch.testing.assert_close(w[2, :2], torch.tensor([0.75, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(w[3, 2:], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    one = instance_mod._axis_weights(torch.tensor([-1.0, 0.3, 2.0]), 1)  # an axis of one voxel
+    assert torch.equal(one, torch.ones(3, 1))
+
 
 def test_io_starts_from_a_given_velocity(pair):
     mov, fixed, *_ = pair

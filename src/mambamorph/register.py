@@ -67,7 +67,7 @@ from mambamorph.errors import InputError
 from mambamorph.io import Volume, atomic_write_bytes, read_labels, read_volume, write_itk_affine
 from mambamorph.metrics import sdlogj_of_determinant
 from mambamorph.optimize.affine import align_affine, levels_for
-from mambamorph.optimize.instance import IOConfig, instance_optimise
+from mambamorph.optimize.instance import IOConfig, instance_optimise, load_kernels
 from mambamorph.register_products import WORKERS, stage, write_products
 from mambamorph.runtime import Timer, resolve_device, resolve_precision
 from mambamorph.space import (DEFAULT_GRID, DEFAULT_SPACING, ModelSpace, displacement_to_fixed,
@@ -271,6 +271,7 @@ class Registrar:
         self.checkpoint = _check_checkpoint_arg(model) if model is not None else None
         self.loads = 0
         self._network: tuple[torch.nn.Module, dict] | None = None
+        self._io_kernels = False  # instance optimisation's kernels loaded in this process
 
     def load(self) -> "Registrar":
         """Load the network now (once; nothing without a checkpoint) and return ``self``.
@@ -307,6 +308,9 @@ class Registrar:
             with stage(stages, "read inputs + load model"):
                 j_net = (pool.submit(self.load) if ckpt is not None and self._network is None
                          else None)
+                # the optimisation's compiled kernels load beside the inputs and the affine stage
+                j_io = (pool.submit(load_kernels) if io and dev.type == "cpu"
+                        and not self._io_kernels else None)
                 fix = read_volume(fixed)
                 mov = read_volume(moving)
                 seg = (read_labels(moving_seg, check_table=False) if moving_seg is not None
@@ -337,6 +341,10 @@ class Registrar:
                 if not torch.isfinite(u_t).all():
                     raise InputError(f"{ckpt}: the network returned NaN/Inf displacements")
             if io:
+                if j_io is not None:
+                    with stage(stages, "wait for the IO kernels"):
+                        j_io.result()
+                    self._io_kernels = True
                 with stage(stages, "instance optimisation"):
                     res_io = instance_optimise(mov_t, fix_t, init_velocity=velocity,
                                                init_flow=u_t if net is not None else None,
