@@ -148,6 +148,55 @@ def test_mutual_information_analytic_cases():
     assert shuffled < 0.01 < 0.5 * same
 
 
+def test_compiled_metric_matches_the_torch_definition():
+    """affine_cpu.neg_mi_at_points (one numba pass, value and gradient) against the torch
+    definition (_sample, _parzen, _neg_mi through autograd), float64: points inside, outside and
+    on the image's edge, samples clamped below 0 and above 1, the overlap share."""
+    from mambamorph.optimize.affine_cpu import neg_mi_at_points
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(12, 14, 10, dtype=torch.float64, generator=g) * 1.2 - 0.1
+    n = 3000
+    span = torch.tensor([13.0, 15.0, 11.0], dtype=torch.float64)
+    vox = torch.rand(n, 3, dtype=torch.float64, generator=g) * span - 0.5
+    vox[:5] = torch.tensor([[0.0, 0.0, 0.0], [11.0, 13.0, 9.0], [11.0, 2.5, 3.5],
+                            [-1e-3, 4.0, 4.0], [3.3, 13.2, 4.1]], dtype=torch.float64)
+    for bins in (32, 8):
+        wf = aff._parzen(torch.rand(n, dtype=torch.float64, generator=g), bins)
+        a = vox.clone().requires_grad_()
+        b = vox.clone().requires_grad_()
+        value, share = neg_mi_at_points(img, a, wf)
+        values, inside = aff._sample(img, b)
+        ref = aff._neg_mi(wf, aff._parzen(values.clamp(0, 1), bins), inside.double())
+        assert value.item() == pytest.approx(ref.item(), rel=1e-12)
+        assert share == pytest.approx(float(inside.double().mean()), abs=1e-12)
+        assert 0.4 < share < 0.9
+        value.backward()
+        ref.backward()
+        # on the upper edge itself torch.minimum splits the gradient between its two equal
+        # arguments (half of it lost); the kernel takes the one-sided derivative there
+        on_edge = vox == span - 2.0  # (n, 3): the coordinates on the upper edge
+        assert on_edge.sum() == 4 and on_edge[1:3].any(dim=1).all()
+        assert torch.allclose(a.grad[~on_edge], b.grad[~on_edge], atol=1e-15, rtol=1e-9)
+        torch.testing.assert_close(a.grad[on_edge], 2 * b.grad[on_edge], atol=1e-15, rtol=1e-9)
+        assert b.grad.abs().max() > 0
+
+
+def test_both_metric_paths_align_alike():
+    """align_affine's stages with the compiled metric and with the torch definition reach the
+    same transform (to float32 rounding of the definition's sampling positions)."""
+    truth = _rigid((1.0, -0.5, 0.3), 8.0, (4.0, -3.0, 2.0))
+    moving, fixed = _pair(truth)
+    mats = []
+    for reference in (False, True):
+        stages = aff._Stages(moving, fixed, aff.foreground_centre(fixed), (2, 1), 20, 32, 0.2, 0,
+                             reference=reference)
+        mats.append(stages.run("rigid", np.eye(4))[0])
+    np.testing.assert_allclose(mats[0], mats[1], atol=1e-3)
+    angle, dist = _error(mats[0], truth, fixed)
+    assert angle < 1.5 and dist < 1.5, (angle, dist)
+
+
 def test_rotation_vector_matches_scipy():
     from scipy.spatial.transform import Rotation
 

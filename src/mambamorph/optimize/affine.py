@@ -43,6 +43,7 @@ from mambamorph.errors import InputError
 from mambamorph.io import Volume
 from mambamorph.nn.spatial import identity_grid
 from mambamorph.optimize.adam import Adam, cosine_lr
+from mambamorph.optimize.affine_cpu import neg_mi_at_points
 
 __all__ = ["AffineResult", "SCALE_BOUNDS", "MAX_ANISOTROPY", "LEVELS_MM", "align_affine",
            "check_linear", "compose_affine_displacement", "levels_for"]
@@ -363,7 +364,9 @@ class _Stages:
     decay to 0 (cosine) over ``iterations``.
     """
 
-    def __init__(self, moving, fixed, centre, levels, iterations, bins, sampling, seed):
+    def __init__(self, moving, fixed, centre, levels, iterations, bins, sampling, seed,
+                 reference=False):
+        self.reference = reference  # the metric by torch operations (the definition) if True
         self.centre = torch.tensor(centre, dtype=torch.float64)
         self.iterations, self.bins = iterations, bins
         gen = torch.Generator().manual_seed(int(seed))
@@ -385,12 +388,16 @@ class _Stages:
         s, pts, wf, m_s, to_vox = level
         world = pts @ lin.T + self.centre + trans  # (N, 3) moving world mm
         vox = world @ to_vox[:3, :3].T + to_vox[:3, 3]
-        values, inside = _sample(m_s, vox.float())
-        mask = inside.float()
-        if not mask.mean() >= 0.01:
+        if self.reference:
+            values, inside = _sample(m_s, vox.float())
+            mask = inside.float()
+            value, share = _neg_mi(wf, _parzen(values.clamp(0, 1), self.bins), mask), mask.mean()
+        else:  # the same metric and gradient in one compiled pass (affine_cpu)
+            value, share = neg_mi_at_points(m_s, vox, wf)
+        if not share >= 0.01:
             raise RuntimeError("the images no longer overlap (under 1 % of the sampled fixed "
                                "voxels fall inside the moving image)")
-        return _neg_mi(wf, _parzen(values.clamp(0, 1), self.bins), mask)
+        return value
 
     def run(self, name: str, start: np.ndarray) -> tuple[np.ndarray, float]:
         st = torch.from_numpy(np.asarray(start, dtype=np.float64))
