@@ -105,11 +105,13 @@ def test_mind_bad_input():
 
 @pytest.mark.parametrize("shape,radius,dilation", [((1, 1, 9, 10, 11), 1, 2),
                                                     ((2, 1, 5, 6, 7), 0, 1),
-                                                    ((1, 1, 8, 3, 8), 2, 3)])
+                                                    ((1, 1, 8, 3, 8), 2, 3),
+                                                    ((1, 1, 1, 6, 2), 1, 1),
+                                                    ((1, 1, 2, 1, 5), 1, 2)])
 def test_mind_cpu_kernels_match_the_definition(shape, radius, dilation):
     """The numba path (mind_ssc of a CPU image without gradient) equals the torch definition:
-    float64 to 1e-12, float32 to float rounding; borders (replicate padding) and offsets beyond
-    an axis included."""
+    float64 to 1e-12, float32 to float rounding; borders (replicate padding), offsets beyond
+    an axis, and axes of one and two voxels (the radius-1 box kernel's edge cases) included."""
     from mambamorph.similarity import _mind_ssc_torch
     from mambamorph.similarity_cpu import mind_ssc_cpu
 

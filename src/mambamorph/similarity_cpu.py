@@ -67,6 +67,45 @@ def _box(src, r, axis, out):  # pragma: no cover - compiled; tested via mind_ssc
 
 
 @njit(parallel=True, cache=True)
+def _box3(src, axis, out):  # pragma: no cover - compiled; tested via mind_ssc_cpu
+    """:func:`_box` for ``r = 1``: ``out = (src[x - e] + src[x] + src[x + e]) / 3`` along
+    ``axis`` with replicate padding, written so that the innermost loop runs over contiguous
+    memory without bounds checks (the voxels of a line times their channels), which the
+    compiler vectorises; the general kernel clamps every index (3x slower at 96x112x96x12)."""
+    n0, n1, n2, nc = src.shape
+    third = src.dtype.type(1.0 / 3.0)
+    if axis == 2:
+        m = n2 * nc
+        for x0 in prange(n0):
+            for x1 in range(n1):
+                a = src[x0, x1].reshape(m)
+                b = out[x0, x1].reshape(m)
+                if n2 == 1:
+                    for j in range(m):
+                        b[j] = a[j]
+                    continue
+                for j in range(nc):
+                    b[j] = (a[j] + a[j] + a[j + nc]) * third
+                    b[m - nc + j] = (a[m - 2 * nc + j] + a[m - nc + j] + a[m - nc + j]) * third
+                for j in range(nc, m - nc):
+                    b[j] = (a[j - nc] + a[j] + a[j + nc]) * third
+    else:
+        for x0 in prange(n0):
+            for x1 in range(n1):
+                if axis == 0:
+                    lo, hi = max(x0 - 1, 0), min(x0 + 1, n0 - 1)
+                    p = src[lo, x1].reshape(n2 * nc)
+                    q = src[hi, x1].reshape(n2 * nc)
+                else:
+                    lo, hi = max(x1 - 1, 0), min(x1 + 1, n1 - 1)
+                    p = src[x0, lo].reshape(n2 * nc)
+                    q = src[x0, hi].reshape(n2 * nc)
+                a = src[x0, x1].reshape(n2 * nc)
+                b = out[x0, x1].reshape(n2 * nc)
+                for j in range(n2 * nc):
+                    b[j] = (p[j] + a[j] + q[j]) * third
+
+@njit(parallel=True, cache=True)
 def _centre(dist, var):  # pragma: no cover - compiled; tested via mind_ssc_cpu
     """In place: ``dist[x, c] -= min_c dist[x, c]``; ``var[x] = mean_c dist[x, c]``."""
     n0, n1, n2, nc = dist.shape
@@ -121,7 +160,11 @@ def mind_ssc_cpu(img: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch
         for b in range(batch):
             a, c = first[b].numpy(), second[b].numpy()
             _distances(np.ascontiguousarray(x[b, 0].numpy()), _OFFSETS, int(dilation), a)
-            if radius:  # the 3D box of a replicate-padded volume is three 1D boxes
+            if radius == 1:  # the 3D box of a replicate-padded volume is three 1D boxes
+                _box3(a, 0, c)
+                _box3(c, 1, a)
+                _box3(a, 2, c)
+            elif radius:
                 _box(a, int(radius), 0, c)
                 _box(c, int(radius), 1, a)
                 _box(a, int(radius), 2, c)
