@@ -489,6 +489,29 @@ def test_training_free_path(data, tmp_path, capsys):
     assert _label_agreement(out, data["fixed"]) > 0.85
 
 
+def test_the_command_ends_at_once_after_register_with_its_outputs_and_exit_code(data, tmp_path):
+    """``python -m mambamorph register`` (cli.run) ends the process without the interpreter's
+    teardown: every output is there and complete, the printed summary arrives, and the exit
+    code is the command's (0, then 2 for an existing output folder)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmd"
+    cmd = [sys.executable, "-m", "mambamorph", "register", str(data["moving"]),
+           str(data["fixed"]), "--no-model", "--no-affine", "--io-iterations", "2,2", "--out",
+           str(out), "--moving-seg", str(data["seg"])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "registered with" in done.stdout and "register.json" in done.stdout
+    rec = json.loads((out / "register.json").read_text())
+    for name in ("warped", "warped_seg", "displacement", "jacobian", "qc"):
+        path = out / rec["outputs"][name]
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert nib.load(str(out / "warped.nii.gz")).get_fdata().shape == (40, 36, 32)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
 def test_cli_register_contradictions(data, tmp_path, capsys):
     from mambamorph.cli import main
 

@@ -426,7 +426,28 @@ def run() -> int:
 
     if should_keep_freed_memory():
         keep_freed_memory()
-    return main()
+    code = main()
+    if _ran.get("command") == "register":
+        _exit_now(code)
+    return code
+
+
+#: the command :func:`main` ran last (read by :func:`run`)
+_ran: dict[str, str] = {}
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once after a finished ``register``: its outputs are written and
+    closed (atomic renames) and its worker threads joined, and the interpreter's own teardown
+    (freeing torch's and numba's state) took 0.6-0.7 s of a 6-7 s command here (2 cores,
+    2026-11-30); logging and the standard streams are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if rank else level,
                         format="%(levelname)s %(name)s: %(message)s")
     where = f"rank {rank}: " if rank else ""
+    _ran["command"] = args.command
     try:
         return args.func(args)
     except PeerError as e:  # rank 0 reports it
