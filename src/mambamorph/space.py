@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
-from mambamorph.data.preprocess import foreground_box, foreground_centre, resample_array
+from mambamorph.data.preprocess import foreground_box, foreground_centre
 from mambamorph.errors import InputError
 from mambamorph.io import Volume
+from mambamorph.resample_cpu import sample_affine
 
 __all__ = ["DEFAULT_SPACING", "DEFAULT_GRID", "ModelSpace", "model_space", "model_space_from_meta",
            "displacement_to_fixed", "warp_to_fixed", "warn_outside"]
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SPACING: tuple[float, float, float] = (2.0, 2.0, 2.0)
 DEFAULT_GRID: tuple[int, int, int] = (96, 112, 96)
 
-_SLAB = 16  # fixed-grid slices along axis 0 sampled at once (bounds the coordinate arrays)
 
 
 # -------------------------------------------------------------------------------- model space
@@ -156,13 +155,11 @@ def displacement_to_fixed(flow: torch.Tensor | np.ndarray, space: ModelSpace,
     if u.shape != (3, *space.shape):
         raise InputError(f"displacement of shape {u.shape}, expected (3, {space.shape}) on the "
                          f"model grid")
-    # float32 like the network's output (scipy interpolates in float64 either way)
-    world = np.einsum("ij,j...->i...", space.affine[:3, :3].astype(np.float32), u)
-    out = np.empty((*fixed.shape, 3), dtype=np.float32)
-    for i in range(3):
-        out[..., i] = resample_array(world[i], space.affine, fixed.affine, fixed.shape,
-                                     order=1, cval=0.0)
-    return out
+    # float32 like the network's output (interpolated in float64 either way), channels last:
+    # the three components resampled together (resample_array's values, one pass)
+    world = np.einsum("ij,j...->...i", space.affine[:3, :3].astype(np.float32), u)
+    m = np.linalg.inv(np.asarray(space.affine, np.float64)) @ np.asarray(fixed.affine, np.float64)
+    return sample_affine(world, m, fixed.shape, order=1, cval=0.0)
 
 
 def warp_to_fixed(volume: Volume, disp_mm: np.ndarray, fixed: Volume, order: int = 1,
@@ -170,7 +167,8 @@ def warp_to_fixed(volume: Volume, disp_mm: np.ndarray, fixed: Volume, order: int
     """Sample ``volume`` at ``p + disp_mm(p)`` for every voxel ``p`` of the fixed grid.
 
     Points are mapped to ``volume``'s voxels through its own affine, so ``volume`` may have any
-    grid. Sampling is ``scipy.ndimage.map_coordinates``, with the same boundary rules as
+    grid. Sampling follows ``scipy.ndimage.map_coordinates`` (computed in parallel by
+    :func:`mambamorph.resample_cpu.sample_affine`), with the same boundary rules as
     :func:`mambamorph.data.preprocess.resample_array`: ``order=1`` (images) gives ``cval``
     beyond the outermost voxel centres, ``order=0`` (label maps) beyond the outermost voxel
     cubes.
@@ -182,32 +180,25 @@ def warp_to_fixed(volume: Volume, disp_mm: np.ndarray, fixed: Volume, order: int
         order: 1 (trilinear) for images, 0 (nearest) for label maps.
         cval: value of points outside ``volume``.
     Returns:
-        ``(D0, D1, D2)`` array on ``fixed``'s canonical grid: float32 for ``order >= 1``,
+        ``(D0, D1, D2)`` array on ``fixed``'s canonical grid: float32 for ``order=1``,
         ``volume``'s dtype (int64 for labels) for ``order=0``.
     Raises:
-        InputError: ``disp_mm`` does not have the fixed grid's shape.
+        InputError: ``disp_mm`` does not have the fixed grid's shape, or ``order`` is not 0
+            or 1.
     """
     d = np.asarray(disp_mm)
     if d.shape != (*fixed.shape, 3):
         raise InputError(f"displacement of shape {d.shape}, expected {(*fixed.shape, 3)}")
+    if order not in (0, 1):
+        raise InputError(f"warp_to_fixed: order 0 (labels) or 1 (images), got {order}")
     data = volume.data.numpy()
-    if order >= 1:
+    if order == 1:
         data = data.astype(np.float32, copy=False)
     to_vox = np.linalg.inv(volume.affine)
     m = to_vox @ fixed.affine  # fixed voxel -> volume voxel
-    s0, s1, s2 = fixed.shape
-    out = np.empty(fixed.shape, dtype=data.dtype)
-    ax1, ax2 = np.arange(s1, dtype=np.float64), np.arange(s2, dtype=np.float64)
-    mode = "grid-constant" if order == 0 else "constant"
-    for start in range(0, s0, _SLAB):
-        stop = min(start + _SLAB, s0)
-        vox = np.stack(np.meshgrid(np.arange(start, stop, dtype=np.float64), ax1, ax2,
-                                   indexing="ij")).reshape(3, -1)  # (3, n) fixed voxels
-        disp = d[start:stop].reshape(-1, 3).T.astype(np.float64)  # (3, n) mm
-        coords = m[:3, :3] @ vox + m[:3, 3:] + to_vox[:3, :3] @ disp  # (3, n) volume voxels
-        out[start:stop] = ndi.map_coordinates(data, coords, order=order, mode=mode,
-                                              cval=cval).reshape(stop - start, s1, s2)
-    return out
+    # scipy.ndimage.map_coordinates' rules, in parallel (mambamorph.resample_cpu)
+    return sample_affine(data, m, fixed.shape, order=order, cval=cval, disp_mm=d,
+                         mm_to_voxel=to_vox[:3, :3])
 
 
 def warn_outside(fixed: Volume, space: ModelSpace) -> None:

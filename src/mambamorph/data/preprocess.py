@@ -150,7 +150,8 @@ def resample_array(data: np.ndarray, affine_in: np.ndarray, affine_out: np.ndarr
     """Resample a ``(D0, D1, D2)`` array onto another voxel grid of the same world (mm).
 
     Output voxel ``y`` takes the input's value at voxel ``inv(affine_in) @ affine_out @ y``
-    (``scipy.ndimage.affine_transform``). Outside the input: with ``order=0`` a point takes the
+    (``scipy.ndimage.affine_transform``; for orders 0 and 1 of float data, and order 0 of any,
+    the same values from the parallel kernel of :mod:`mambamorph.resample_cpu`). Outside the input: with ``order=0`` a point takes the
     label of the voxel cube it falls in (scipy mode ``grid-constant``), so ``cval`` starts half a
     voxel beyond the outermost voxel centres; with ``order >= 1`` ``cval`` starts right beyond
     them (mode ``constant``: no extrapolation).
@@ -175,6 +176,11 @@ def resample_array(data: np.ndarray, affine_in: np.ndarray, affine_out: np.ndarr
         m = np.linalg.inv(np.asarray(affine_in, np.float64)) @ np.asarray(affine_out, np.float64)
     except np.linalg.LinAlgError:
         raise InputError("resample: the input affine is singular") from None
+    if order == 0 or (order == 1 and data.dtype in (np.float32, np.float64)):
+        # scipy's values to the last bit, in parallel (mambamorph.resample_cpu)
+        from mambamorph.resample_cpu import sample_affine
+
+        return sample_affine(data, m, shape_out, order=order, cval=cval)
     return ndi.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=shape_out,
                                 order=order, mode="grid-constant" if order == 0 else "constant",
                                 cval=cval)
