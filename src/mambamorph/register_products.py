@@ -2,9 +2,9 @@
 
 After the network, :func:`write_products` takes the prediction to the fixed image's grid, warps
 the moving image and label map, resamples the Jacobian, writes the four NIfTI files and draws the
-QC figure (see :mod:`mambamorph.register` for what each file holds) on a thread pool: scipy's
-resampling, zlib and nibabel release the GIL, so on 2 cores these pieces overlap. :func:`stage`
-records the wall time of each piece.
+QC figure (see :mod:`mambamorph.register` for what each file holds) on a thread pool: the
+resampling kernels (:mod:`mambamorph.resample_cpu`, themselves parallel), zlib and nibabel
+release the GIL, so these pieces overlap. :func:`stage` records the wall time of each piece.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["WORKERS", "stage", "timed_call", "write_products"]
 
 #: threads for the work around the network (reading, resampling, gzip, the QC figure): the
-#: scipy, zlib and nibabel calls release the GIL, so they run side by side on the cores.
+#: resampling kernels, zlib and nibabel release the GIL, so they run side by side on the cores.
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 

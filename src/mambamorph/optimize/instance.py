@@ -69,7 +69,8 @@ class IOConfig:
     and on the grid pooled by 2 at the coarse level (stride 2 again). On the 10 validation pairs,
     from the shipped network: 83.93 Dice, SDlogJ 0.108, no fold (the settings before, with
     the similarity on the grids pooled by 4 and 2 and ``lam=0.8``: 83.05 from the identity,
-    SDlogJ 0.116); about 5 s per pair on 2 cores at 96x112x96.
+    SDlogJ 0.116); about 2 s per pair on 2 cores at 96x112x96 (5 s before the kernels of
+    docs/results.md, "Session 10").
 
     Attributes:
         levels: grid factors of the velocity (control grid), coarse to fine (each divides every
