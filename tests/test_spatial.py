@@ -369,6 +369,27 @@ def test_cpu_squaring_gradient_matches_grid_sample_float64(shape):
     assert b.grad.abs().max() > 1.0
 
 
+def test_cpu_squaring_gradient_does_not_depend_on_the_thread_count():
+    """A resumed training run on another thread count must reproduce the same weights: the
+    backward's scatter runs in a fixed number of chunks, summed in order."""
+    from mambamorph.nn.squaring_cpu import SquareSteps
+
+    g = torch.Generator().manual_seed(3)
+    disp = torch.randn(1, 3, 13, 10, 9, generator=g)
+    weight = torch.randn(1, 3, 13, 10, 9, generator=g)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            a = disp.clone().requires_grad_()
+            (SquareSteps.apply(a, 4) * weight).sum().backward()
+            grads.append(a.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
 def test_integrate_velocity_paths_agree():
     """integrate_velocity without autograd (numba kernel), with autograd (numba kernel and its
     backward) and the plain loop over warp give one field: float64 to 1e-11, float32 to

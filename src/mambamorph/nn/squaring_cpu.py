@@ -119,9 +119,10 @@ def _square(u, out, zero):  # pragma: no cover - compiled; tested through square
 @njit(parallel=True, cache=True, error_model="numpy")
 def _square_backward(u, g_out, parts):  # pragma: no cover - compiled; tested via SquareSteps
     """Backward of one :func:`_square` step: ``parts[t]`` accumulates, for the voxels of
-    thread chunk ``t``, the gradient of ``sum(g_out * out)`` with respect to ``u``; the caller
-    sums ``parts`` over ``t`` (each chunk scatters into its own buffer: no two threads write
-    one address, and the sum is the same on every run).
+    chunk ``t`` of the first axis, the gradient of ``sum(g_out * out)`` with respect to ``u``;
+    the caller sums ``parts`` over ``t`` (each chunk scatters into its own buffer: no two
+    threads write one address, and with a fixed number of chunks the result does not depend
+    on the thread count).
 
     ``out[x] = u[x] + sum_c w_c(p) u[c]`` with ``p = x + u[x]`` gives three terms per voxel:
     ``g_out[x]`` itself; ``w_c(p) g_out[x]`` scattered to each corner ``c`` inside the volume;
@@ -232,6 +233,12 @@ def square_cpu(disp: torch.Tensor, steps: int) -> torch.Tensor:
     return a.permute(0, 4, 1, 2, 3)
 
 
+#: chunks of the first axis the backward scatters into separate buffers (then summed in
+#: order): up to this many threads share it, and its result is the same for any thread count
+#: (a training run resumed on another count must reproduce the same weights)
+_BACKWARD_CHUNKS = 4
+
+
 class SquareSteps(torch.autograd.Function):
     """``steps`` squarings of a CPU field with a gradient: the :func:`_square` kernel forward
     (each step's input kept) and :func:`_square_backward` backward, the same values and
@@ -263,9 +270,8 @@ class SquareSteps(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102 - documented on the class
         g = grad.permute(0, 2, 3, 4, 1).contiguous()
         with torch_thread_count():
-            threads = numba.get_num_threads()
             for a in reversed(ctx.saved_tensors):
-                parts = torch.zeros((threads, *a.shape[1:]), dtype=a.dtype)
+                parts = torch.zeros((_BACKWARD_CHUNKS, *a.shape[1:]), dtype=a.dtype)
                 out = torch.empty_like(g)
                 for i in range(a.shape[0]):
                     parts.zero_()
