@@ -150,11 +150,12 @@ def resample_array(data: np.ndarray, affine_in: np.ndarray, affine_out: np.ndarr
     """Resample a ``(D0, D1, D2)`` array onto another voxel grid of the same world (mm).
 
     Output voxel ``y`` takes the input's value at voxel ``inv(affine_in) @ affine_out @ y``
-    (``scipy.ndimage.affine_transform``; for orders 0 and 1 of float data, and order 0 of any,
-    the same values from the parallel kernel of :mod:`mambamorph.resample_cpu`). Outside the input: with ``order=0`` a point takes the
-    label of the voxel cube it falls in (scipy mode ``grid-constant``), so ``cval`` starts half a
-    voxel beyond the outermost voxel centres; with ``order >= 1`` ``cval`` starts right beyond
-    them (mode ``constant``: no extrapolation).
+    (``scipy.ndimage.affine_transform``; order 0 of any data and order 1 of float data come
+    from the parallel kernel of :mod:`mambamorph.resample_cpu`, scipy's values to float
+    rounding). Outside the input: with ``order=0`` a point takes the label of the voxel cube it
+    falls in (scipy mode ``grid-constant``), so ``cval`` starts half a voxel beyond the
+    outermost voxel centres; with ``order >= 1`` ``cval`` starts right beyond them (mode
+    ``constant``: no extrapolation).
 
     Args:
         data: ``(D0, D1, D2)`` array.

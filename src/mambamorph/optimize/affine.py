@@ -15,8 +15,11 @@ Method (:func:`align_affine`):
    averaged over blocks of ``s**3`` voxels at shrink ``s > 1``), optimised by Adam in torch on a
    modality-independent metric: mutual information of a Gaussian Parzen-window joint
    histogram of the fixed and the (trilinearly sampled) moving intensities at a random share
-   of the fixed voxels. Metric values are negative MI (lower is better). The choice of this
-   optimiser over SimpleITK's registration framework (Mattes MI) is measured in docs/affine.md.
+   of the fixed voxels. Metric values are negative MI (lower is better); the metric and its
+   gradient at the samples come from one compiled kernel
+   (:mod:`mambamorph.optimize.affine_cpu`), with the torch operations here as its reference.
+   The choice of this optimiser over SimpleITK's registration framework (Mattes MI) is
+   measured in docs/affine.md.
 3. **Checks**: a stage that fails (exception, NaN metric, non-finite matrix) or whose linear part
    is implausible (determinant <= 0, a singular value outside :data:`SCALE_BOUNDS`, ratio of the
    largest to the smallest singular value above :data:`MAX_ANISOTROPY`) is discarded with a
