@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from mambamorph.nn.trilinear_cpu import corners, scatter_corners
+
 __all__ = ["square_cpu", "torch_thread_count"]
 
 
@@ -138,56 +140,16 @@ def _square_backward(u, g_out, parts):  # pragma: no cover - compiled; tested vi
         for x0 in range(t * chunk, min(n0, (t + 1) * chunk)):
             for x1 in range(n1):
                 for x2 in range(n2):
-                    g0 = g_out[x0, x1, x2, 0]
-                    g1 = g_out[x0, x1, x2, 1]
-                    g2 = g_out[x0, x1, x2, 2]
-                    acc[x0, x1, x2, 0] += g0
-                    acc[x0, x1, x2, 1] += g1
-                    acc[x0, x1, x2, 2] += g2
+                    g = g_out[x0, x1, x2]
+                    for c in range(3):
+                        acc[x0, x1, x2, c] += g[c]
                     p0 = x0 + u[x0, x1, x2, 0] if n0 > 1 else 0.0
                     p1 = x1 + u[x0, x1, x2, 1] if n1 > 1 else 0.0
                     p2 = x2 + u[x0, x1, x2, 2] if n2 > 1 else 0.0
                     if not (-1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2):
                         continue  # every corner outside, or a non-finite position
-                    f0 = math.floor(p0)
-                    f1 = math.floor(p1)
-                    f2 = math.floor(p2)
-                    t0 = p0 - f0
-                    t1 = p1 - f1
-                    t2 = p2 - f2
-                    i0 = int(f0)
-                    i1 = int(f1)
-                    i2 = int(f2)
-                    dp0 = g0 * 0.0
-                    dp1 = g0 * 0.0
-                    dp2 = g0 * 0.0
-                    for d0 in range(2):
-                        j0 = i0 + d0
-                        if j0 < 0 or j0 >= n0:
-                            continue
-                        w0 = t0 if d0 else 1.0 - t0
-                        s0 = 1.0 if d0 else -1.0
-                        for d1 in range(2):
-                            j1 = i1 + d1
-                            if j1 < 0 or j1 >= n1:
-                                continue
-                            w1 = t1 if d1 else 1.0 - t1
-                            s1 = 1.0 if d1 else -1.0
-                            for d2 in range(2):
-                                j2 = i2 + d2
-                                if j2 < 0 or j2 >= n2:
-                                    continue
-                                w2 = t2 if d2 else 1.0 - t2
-                                s2 = 1.0 if d2 else -1.0
-                                w = w0 * w1 * w2
-                                acc[j0, j1, j2, 0] += w * g0
-                                acc[j0, j1, j2, 1] += w * g1
-                                acc[j0, j1, j2, 2] += w * g2
-                                gv = (g0 * u[j0, j1, j2, 0] + g1 * u[j0, j1, j2, 1]
-                                      + g2 * u[j0, j1, j2, 2])
-                                dp0 += s0 * w1 * w2 * gv
-                                dp1 += w0 * s1 * w2 * gv
-                                dp2 += w0 * w1 * s2 * gv
+                    scatter_corners(acc, p0, p1, p2, g)
+                    dp0, dp1, dp2 = corners(u, p0, p1, p2, g, True)
                     if n0 > 1:
                         acc[x0, x1, x2, 0] += dp0
                     if n1 > 1:

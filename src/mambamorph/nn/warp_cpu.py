@@ -26,7 +26,7 @@ float rounding (``tests/test_spatial.py``). Kernels are compiled on first use an
 channels (the MIND-SSD of instance optimisation, via
 :func:`mambamorph.similarity.warped_mind_ssd_loss`): value and gradient in one pass per voxel,
 without storing the warped image. Both kernels share the position (:func:`_position`) and corner
-(:func:`_corners`) code.
+(:func:`mambamorph.nn.trilinear_cpu.corners`) code.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from numba import njit, prange
 
 from mambamorph.nn.squaring_cpu import torch_thread_count
+from mambamorph.nn.trilinear_cpu import corners as _corners
 
 __all__ = ["warp_cpu", "warp_ssd_cpu", "points_ssd_cpu", "supports"]
 
@@ -67,61 +68,6 @@ def _position(u, x0, x1, x2, border, absolute, n0, n1, n2):  # pragma: no cover 
             p2 = min(max(p2, 0.0), n2 - 1.0)
     inside = finite and -1.0 < p0 < n0 and -1.0 < p1 < n1 and -1.0 < p2 < n2
     return p0, p1, p2, k0, k1, k2, inside
-
-
-@njit(inline="always", cache=True, error_model="numpy")
-def _corners(img, p0, p1, p2, vec, backward):  # pragma: no cover - compiled
-    """Trilinear sampling of ``img`` ``(D0, D1, D2, C)`` at an inside position ``p``.
-
-    Forward (``backward`` False): ``vec[c] = img(p)[c]``; returns zeros. Backward: returns
-    ``(g0, g1, g2)`` with ``g_k = sum_c vec[c] * d img(p)[c] / d p_k`` (``vec`` read only).
-    Corners outside the volume read 0."""
-    n0, n1, n2, nc = img.shape
-    f0 = math.floor(p0)
-    f1 = math.floor(p1)
-    f2 = math.floor(p2)
-    i0 = int(f0)
-    i1 = int(f1)
-    i2 = int(f2)
-    t0 = p0 - f0
-    t1 = p1 - f1
-    t2 = p2 - f2
-    g0 = 0.0
-    g1 = 0.0
-    g2 = 0.0
-    if not backward:
-        for c in range(nc):
-            vec[c] = 0.0
-    for d0 in range(2):
-        j0 = i0 + d0
-        if j0 < 0 or j0 >= n0:
-            continue
-        w0 = t0 if d0 else 1.0 - t0
-        s0 = 1.0 if d0 else -1.0  # d w0 / d p0
-        for d1 in range(2):
-            j1 = i1 + d1
-            if j1 < 0 or j1 >= n1:
-                continue
-            w1 = t1 if d1 else 1.0 - t1
-            s1 = 1.0 if d1 else -1.0
-            for d2 in range(2):
-                j2 = i2 + d2
-                if j2 < 0 or j2 >= n2:
-                    continue
-                w2 = t2 if d2 else 1.0 - t2
-                s2 = 1.0 if d2 else -1.0
-                if backward:
-                    dot = 0.0
-                    for c in range(nc):
-                        dot += vec[c] * img[j0, j1, j2, c]
-                    g0 += s0 * w1 * w2 * dot
-                    g1 += w0 * s1 * w2 * dot
-                    g2 += w0 * w1 * s2 * dot
-                else:
-                    w = w0 * w1 * w2
-                    for c in range(nc):
-                        vec[c] += w * img[j0, j1, j2, c]
-    return g0, g1, g2
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -159,7 +105,8 @@ def _ssd_interior(img, ref, x0, x1, x2, p0, p1, p2):  # pragma: no cover - compi
     (``0 <= p_k < n_k - 1``): ``(cost, g0, g1, g2)`` with ``cost = sum_c (img(p)[c] -
     ref[x, c])**2`` and ``g_k = d cost / d p_k``. One pass over the channels reads each corner
     value once and forms the sample and its three partial derivatives together (the general
-    :func:`_corners` path reads the corners twice, with bounds checks), in ``img``'s dtype."""
+    path, :func:`~mambamorph.nn.trilinear_cpu.corners`, reads the corners twice, with bounds
+    checks), in ``img``'s dtype."""
     i0 = int(p0)
     i1 = int(p1)
     i2 = int(p2)

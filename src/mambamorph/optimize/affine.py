@@ -46,7 +46,7 @@ from mambamorph.errors import InputError
 from mambamorph.io import Volume
 from mambamorph.nn.spatial import identity_grid
 from mambamorph.optimize.adam import Adam, cosine_lr
-from mambamorph.optimize.affine_cpu import neg_mi_at_points
+from mambamorph.optimize.affine_cpu import MI_EPS, PARZEN_TAPS, neg_mi_at_points
 
 __all__ = ["AffineResult", "SCALE_BOUNDS", "MAX_ANISOTROPY", "LEVELS_MM", "align_affine",
            "check_linear", "compose_affine_displacement", "levels_for"]
@@ -319,22 +319,18 @@ def _sample(image: torch.Tensor, vox: torch.Tensor) -> tuple[torch.Tensor, torch
     return out * inside, inside
 
 
-#: bins one sample's Parzen window touches: those within 4 sigma (sigma = one bin) of its
-#: value; the Gaussian weight of the nearest bin left out is below exp(-8) = 3.4e-4 of the peak.
-_PARZEN_TAPS = 9
-
 
 def _parzen(values: torch.Tensor, bins: int) -> torch.Tensor:
     """``(N,)`` values in [0, 1] -> ``(N, bins)`` Gaussian Parzen weights (rows sum to 1).
 
     Bin ``j`` is centred at ``(j + 0.5) / bins`` and the Gaussian's sigma is one bin. Only the
-    :data:`_PARZEN_TAPS` bins within 4 sigma of each value are evaluated (the rest are 0, where
-    the full Gaussian is below 3.4e-4 of its peak; tests/test_affine.py compares the two):
-    9 exponentials per sample instead of ``bins``, the affine stage's main cost before.
+    :data:`~mambamorph.optimize.affine_cpu.PARZEN_TAPS` bins within 4 sigma of each value are
+    evaluated (the rest are 0, where the full Gaussian is below 3.4e-4 of its peak;
+    tests/test_affine.py compares the two): 9 exponentials per sample instead of ``bins``.
     Differentiable with respect to ``values``.
     """
     x = values * bins - 0.5  # bin coordinates: bin j's centre at j
-    half = _PARZEN_TAPS // 2
+    half = PARZEN_TAPS // 2
     index = torch.floor(x.detach()).long()[:, None] + torch.arange(-half, half + 1)
     d = x[:, None] - index.to(x.dtype)
     w = torch.exp(-0.5 * d * d) * ((index >= 0) & (index < bins)).to(x.dtype)
@@ -347,7 +343,7 @@ def _neg_mi(wf: torch.Tensor, wm: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     joint = (wf * mask[:, None]).T @ wm / mask.sum().clamp_min(1.0)  # (bins, bins)
     pf = joint.sum(dim=1, keepdim=True)
     pm = joint.sum(dim=0, keepdim=True)
-    return -(joint * torch.log((joint + 1e-10) / (pf @ pm + 1e-10))).sum()
+    return -(joint * torch.log((joint + MI_EPS) / (pf @ pm + MI_EPS))).sum()
 
 
 def _rotation(r: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,14 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["neg_mi_at_points"]
+__all__ = ["MI_EPS", "PARZEN_TAPS", "neg_mi_at_points"]
 
-_TAPS = 9  # the Parzen taps of mambamorph.optimize.affine._PARZEN_TAPS
-_EPS = 1e-10  # the regulariser of the logarithms in mambamorph.optimize.affine._neg_mi
+#: bins one sample's Parzen window touches: those within 4 sigma (sigma = one bin) of its
+#: value; the Gaussian weight of the nearest bin left out is below exp(-8) = 3.4e-4 of the peak
+#: (also the windows of the torch definition, mambamorph.optimize.affine._parzen).
+PARZEN_TAPS = 9
+#: the regulariser of the logarithms of the mutual information (also affine._neg_mi's).
+MI_EPS = 1e-10
 
 
 @njit(cache=True, error_model="numpy")
@@ -40,11 +44,11 @@ def _neg_mi_kernel(img, vox, wf, grad):  # pragma: no cover - compiled; tested v
     n_pts = vox.shape[0]
     bins = wf.shape[1]
     n0, n1, n2 = img.shape
-    half = _TAPS // 2
+    half = PARZEN_TAPS // 2
     first = np.zeros(n_pts, dtype=np.int64)  # bin of tap 0
     span = np.zeros(n_pts, dtype=np.int64)  # first non-zero bin of the fixed row
-    w = np.zeros((n_pts, _TAPS))  # normalised Parzen weights of the moving sample
-    dw = np.zeros((n_pts, _TAPS))  # their derivatives with respect to the sample value
+    w = np.zeros((n_pts, PARZEN_TAPS))  # normalised Parzen weights of the moving sample
+    dw = np.zeros((n_pts, PARZEN_TAPS))  # their derivatives with respect to the sample value
     dv = np.zeros((n_pts, 3))  # the sample's gradient with respect to the point
     inside = np.zeros(n_pts, dtype=np.bool_)
     joint = np.zeros((bins, bins))
@@ -90,18 +94,18 @@ def _neg_mi_kernel(img, vox, wf, grad):  # pragma: no cover - compiled; tested v
             value, passes = 0.0, 0.0
         elif value > 1.0:
             value, passes = 1.0, 0.0
-        # a fixed Parzen row is non-zero on at most _TAPS consecutive bins: loop over those only
+        # a fixed Parzen row is non-zero on at most PARZEN_TAPS consecutive bins: loop over them
         lo = 0
         while lo < bins - 1 and wf[n, lo] == 0.0:
             lo += 1
-        hi = min(lo + _TAPS, bins)
+        hi = min(lo + PARZEN_TAPS, bins)
         span[n] = lo
         x = value * bins - 0.5
         f = int(math.floor(x))
         first[n] = f - half
         total = 0.0
         dtotal = 0.0
-        for k in range(_TAPS):
+        for k in range(PARZEN_TAPS):
             b = f - half + k
             if 0 <= b < bins:
                 d = x - b
@@ -111,7 +115,7 @@ def _neg_mi_kernel(img, vox, wf, grad):  # pragma: no cover - compiled; tested v
                 total += e
                 dtotal += -d * e
         total = max(total, 1e-12)
-        for k in range(_TAPS):
+        for k in range(PARZEN_TAPS):
             wk = w[n, k] / total
             # d (e_k / S) / d value = (e_k' - w_k S') / S * dx/dvalue
             dw[n, k] = (dw[n, k] - wk * dtotal) / total * bins * passes
@@ -132,10 +136,10 @@ def _neg_mi_kernel(img, vox, wf, grad):  # pragma: no cover - compiled; tested v
     col = np.zeros(bins)
     for a in range(bins):
         for b in range(bins):
-            q = pf[a] * pm[b] + _EPS
+            q = pf[a] * pm[b] + MI_EPS
             j = joint[a, b]
-            value -= j * math.log((j + _EPS) / q)
-            gj[a, b] = -math.log((j + _EPS) / q) - j / (j + _EPS)
+            value -= j * math.log((j + MI_EPS) / q)
+            gj[a, b] = -math.log((j + MI_EPS) / q) - j / (j + MI_EPS)
             row[a] += j * pm[b] / q
             col[b] += j * pf[a] / q
     for a in range(bins):
@@ -148,11 +152,11 @@ def _neg_mi_kernel(img, vox, wf, grad):  # pragma: no cover - compiled; tested v
         if not inside[n]:
             continue
         g = 0.0
-        for k in range(_TAPS):
+        for k in range(PARZEN_TAPS):
             b = first[n] + k
             if 0 <= b < bins and dw[n, k] != 0.0:
                 s = 0.0
-                for a in range(span[n], min(span[n] + _TAPS, bins)):
+                for a in range(span[n], min(span[n] + PARZEN_TAPS, bins)):
                     s += wf[n, a] * gj[a, b]
                 g += s * dw[n, k]
         g /= m
@@ -167,8 +171,9 @@ class _NegMI(torch.autograd.Function):
     def forward(ctx, vox, image, wf):
         pts = vox.detach().to(torch.float64).contiguous().numpy()
         grad = np.empty_like(pts)
+        # wf in its own dtype (fixed for a level; the kernel sums in float64 either way)
         value, count = _neg_mi_kernel(image.detach().contiguous().numpy(), pts,
-                                      wf.detach().to(torch.float64).contiguous().numpy(), grad)
+                                      wf.detach().contiguous().numpy(), grad)
         ctx.save_for_backward(torch.from_numpy(grad).to(vox.dtype))
         share = vox.new_tensor(count / max(len(pts), 1))
         ctx.mark_non_differentiable(share)
